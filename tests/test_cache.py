@@ -1,0 +1,329 @@
+"""TurboQuantCache: storage, cache operations, memory honesty, errors (tiny random models, CPU)."""
+
+import copy
+import gc
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from turboquant_hf import TurboQuantCache, TurboQuantizer
+from turboquant_hf.cache import TurboQuantLayer
+
+
+def tiny_llama(head_dim: int = 64, layers: int = 2, kv_heads: int = 2, heads: int = 4, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=heads * head_dim, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def greedy(model, ids, cache, steps=8, **kwargs):
+    return model.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache, pad_token_id=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def random_states(batch=2, heads=2, tokens=10, dim=64, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, heads, tokens, dim, generator=generator).to(dtype),
+            torch.randn(batch, heads, tokens, dim, generator=generator).to(dtype))
+
+
+# ------------------------------------------------------------------------------------------ layer
+@pytest.mark.parametrize("residual_length", [0, 3, 100])
+def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_length):
+    """update() = dequant(compressed) ++ window ++ new (exact), and storage matches the quantizer."""
+    layer = TurboQuantLayer(4, 3, residual_length=residual_length)
+    keys1, values1 = random_states(tokens=7, seed=1)
+    keys2, values2 = random_states(tokens=5, seed=2)
+    layer.update(keys1, values1)
+    out_keys, out_values = layer.update(keys2, values2)
+    all_keys, all_values = torch.cat([keys1, keys2], -2), torch.cat([values1, values2], -2)
+    past = 7  # tokens before the second update
+    compressed_before = max(past - residual_length, 0)
+    key_quantizer, value_quantizer = TurboQuantizer(64, 4), TurboQuantizer(64, 3)
+    expected_keys = all_keys.clone()
+    expected_values = all_values.clone()
+    expected_keys[:, :, :compressed_before] = key_quantizer.dequantize(key_quantizer.quantize(keys1[:, :, :compressed_before]))
+    expected_values[:, :, :compressed_before] = value_quantizer.dequantize(value_quantizer.quantize(values1[:, :, :compressed_before]))
+    torch.testing.assert_close(out_keys, expected_keys, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out_values, expected_values, rtol=0, atol=1e-6)
+    # After the update: the newest min(residual, 12) tokens are in the window, the rest compressed.
+    in_window = min(residual_length, 12)
+    assert layer.keys.shape[-2] == in_window and layer.compressed_length == 12 - in_window
+    assert layer.get_seq_length() == 12
+    torch.testing.assert_close(layer.keys, all_keys[:, :, 12 - in_window:])
+    stored = key_quantizer.quantize(all_keys[:, :, : 12 - in_window])
+    assert torch.equal(layer.compressed_keys.packed_indices, stored.packed_indices)
+    assert torch.equal(layer.compressed_keys.norms, stored.norms)
+
+
+def test_storage_grows_in_blocks_and_keeps_old_tokens():
+    layer = TurboQuantLayer(2, 2, residual_length=0)
+    keys, values = random_states(batch=1, heads=1, tokens=300, seed=3)
+    for start in range(0, 300, 50):
+        layer.update(keys[:, :, start:start + 50], values[:, :, start:start + 50])
+    assert layer.compressed_length == 300
+    capacity = layer.key_storage.norms.shape[-1]
+    assert capacity % 256 == 0 and 300 <= capacity <= 300 * 1.25 + 256
+    expected = TurboQuantizer(64, 2).quantize(keys)
+    assert torch.equal(layer.compressed_keys.packed_indices, expected.packed_indices)
+
+
+def test_zero_and_empty_updates():
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    zeros = torch.zeros(1, 2, 5, 64)
+    keys, values = layer.update(zeros, zeros)
+    assert torch.equal(keys, zeros)
+    keys, values = layer.update(zeros[:, :, :0], zeros[:, :, :0])  # an empty update is a no-op
+    assert layer.get_seq_length() == 5 and torch.equal(keys, zeros) and torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_round_trip_through_layer(dtype):
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    keys, values = random_states(dtype=dtype, seed=4)
+    layer.update(keys, values)
+    out_keys, _ = layer.update(keys[:, :, :1], values[:, :, :1])
+    assert out_keys.dtype == dtype and out_keys.shape == (2, 2, 11, 64)
+    relative = (out_keys[:, :, :10].float() - keys.float()).norm() / keys.float().norm()
+    assert relative < 0.12  # sqrt(0.0092) = 0.096 at 4 bits, plus dtype rounding
+
+
+# ---------------------------------------------------------------------------------- generation
+def test_generate_equals_dynamic_cache_when_window_covers_everything(llama, prompt):
+    expected = greedy(llama, prompt, DynamicCache())
+    assert torch.equal(greedy(llama, prompt, TurboQuantCache(bits=2, residual_length=1000)), expected)
+
+
+def test_generate_tq4_stays_close(llama, prompt):
+    cache = TurboQuantCache(bits=4, residual_length=0)
+    out = greedy(llama, prompt, cache)
+    assert out.shape == (2, 32)
+    assert cache.get_seq_length() == 31
+    with torch.no_grad():
+        reference = llama(out).logits[:, -1]
+        cached = llama(out[:, -1:], past_key_values=cache).logits[:, -1]
+    cosine = torch.nn.functional.cosine_similarity(reference, cached, dim=-1)
+    assert cosine.min() > 0.99
+
+
+def test_multi_turn_reuses_the_cache(llama, prompt):
+    """A second generate call continues from the cache like DynamicCache does."""
+    results = []
+    for cache in (DynamicCache(), TurboQuantCache(bits=4, residual_length=1000)):
+        first = greedy(llama, prompt, cache, steps=4)
+        follow = torch.cat([first, torch.full((2, 3), 7)], dim=-1)
+        results.append(greedy(llama, follow, cache, steps=4))
+    assert torch.equal(results[0], results[1])
+
+
+def test_beam_search_and_num_return_sequences(llama, prompt):
+    for kwargs in ({"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}):
+        expected = greedy(llama, prompt, DynamicCache(), **kwargs)
+        got = greedy(llama, prompt, TurboQuantCache(bits=4, residual_length=1000), **kwargs)
+        assert torch.equal(got, expected)
+    # With everything compressed, beam search still runs and reorders the compressed storage.
+    out = greedy(llama, prompt, TurboQuantCache(bits=4, residual_length=0), num_beams=3)
+    assert out.shape == (2, 32)
+
+
+def test_reorder_select_repeat_act_on_compressed_storage():
+    cache = TurboQuantCache(bits=3, residual_length=2)
+    keys, values = random_states(batch=3, tokens=6, seed=5)
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    before = copy.deepcopy(layer)
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.compressed_keys.packed_indices, before.compressed_keys.packed_indices[[2, 0, 0]])
+    assert torch.equal(layer.keys, before.keys[[2, 0, 0]])
+    cache.batch_select_indices(torch.tensor([0]))
+    assert layer.keys.shape[0] == 1 and layer.compressed_keys.norms.shape[0] == 1
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.compressed_keys.norms, before.compressed_keys.norms[[2, 2]])
+
+
+def test_crop_is_exact(llama, prompt):
+    """With everything compressed, crop(-n) then re-feeding gives the same logits as never seeing the
+    n tokens: each token is compressed on its own, so cropping only shortens the valid length."""
+    cache, fresh_cache = TurboQuantCache(bits=4, residual_length=0), TurboQuantCache(bits=4, residual_length=0)
+    with torch.no_grad():
+        llama(prompt, past_key_values=cache)
+        cache.crop(-6)
+        assert cache.get_seq_length() == 18
+        cropped = llama(prompt[:, 18:], past_key_values=cache).logits
+        llama(prompt[:, :18], past_key_values=fresh_cache)
+        fresh = llama(prompt[:, 18:], past_key_values=fresh_cache).logits
+    torch.testing.assert_close(cropped, fresh, rtol=0, atol=1e-5)
+
+
+def test_crop_across_window_and_storage():
+    cache = TurboQuantCache(bits=4, residual_length=4)
+    keys, values = random_states(tokens=10, seed=6)
+    cache.update(keys, values, 0)
+    layer = copy.deepcopy(cache.layers[0])
+    cache.crop(-2)  # from the window only
+    assert cache.get_seq_length() == 8 and torch.equal(cache.layers[0].keys, layer.keys[:, :, :2])
+    cache.crop(-5)  # the rest of the window and 3 compressed tokens
+    assert cache.get_seq_length() == 3 and cache.layers[0].keys.shape[-2] == 0
+    assert torch.equal(cache.layers[0].compressed_keys.norms, layer.compressed_keys.norms[:, :, :3])
+    cache.crop(2)  # legacy positive value: the length to keep
+    assert cache.get_seq_length() == 2
+    cache.crop(-100)
+    assert cache.get_seq_length() == 0
+
+
+def test_assisted_generation_with_crop(llama, prompt):
+    assistant = tiny_llama()
+    expected = greedy(llama, prompt[:1], DynamicCache(), assistant_model=assistant)
+    got = greedy(llama, prompt[:1], TurboQuantCache(bits=4, residual_length=1000), assistant_model=assistant)
+    assert torch.equal(got, expected)
+
+
+def test_reset_and_deepcopy(llama, prompt):
+    cache = TurboQuantCache(bits=4, residual_length=0)
+    first = greedy(llama, prompt, cache)
+    clone = copy.deepcopy(cache)
+    assert clone.get_seq_length() == cache.get_seq_length()
+    assert torch.equal(clone.layers[0].compressed_keys.packed_indices, cache.layers[0].compressed_keys.packed_indices)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert torch.equal(greedy(llama, prompt, cache), first)
+
+
+def test_left_padded_batch_matches_dynamic(llama):
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    ids[0, :5], mask[0, :5] = 0, 0
+    expected = greedy(llama, ids, DynamicCache(), attention_mask=mask)
+    got = greedy(llama, ids, TurboQuantCache(bits=4, residual_length=1000), attention_mask=mask)
+    assert torch.equal(got, expected)
+    assert torch.isfinite(llama(ids, attention_mask=mask, past_key_values=TurboQuantCache(bits=2, residual_length=0)).logits).all()
+
+
+def test_offloading_keeps_outputs(llama, prompt):
+    if not torch.cuda.is_available():
+        pytest.skip("transformers' offloading moves layers between CUDA and CPU")
+    model = llama.cuda()
+    expected = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0))
+    got = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0, offloading=True))
+    assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------- memory
+def reachable_tensor_bytes(root) -> int:
+    """Bytes of the distinct tensor storages reachable from ``root`` through the object graph."""
+    seen, storages, stack = set(), {}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, torch.nn.Module)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[(storage.data_ptr(), obj.device)] = storage.nbytes()
+            continue
+        stack.extend(gc.get_referents(obj))
+    return sum(storages.values())
+
+
+def test_memory_report_is_honest_and_ratio_at_least_3_7():
+    """2K-token prefill, bits=4, residual 0, head_dim 128, bf16: report == object graph; ratio >= 3.7."""
+    model = tiny_llama(head_dim=128, layers=2, kv_heads=2, heads=2, dtype=torch.bfloat16)
+    ids = torch.randint(1, 128, (1, 2048), generator=torch.Generator().manual_seed(0))
+    cache, dense = TurboQuantCache(bits=4, residual_length=0), DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dense)
+    report = cache.memory_report()
+    held = reachable_tensor_bytes(cache)
+    assert abs(held - report["compressed_bytes"]) <= 0.05 * held
+    dense_held = reachable_tensor_bytes(dense)
+    assert report["dense_bytes"] == dense_held
+    assert report["tokens"] == 2048 and len(report["layers"]) == 2
+    assert dense_held / held >= 3.7
+    assert report["ratio"] >= 3.7
+
+
+def test_no_dense_copy_of_old_tokens_survives():
+    """After decoding, the cache holds the window only, not the dequantized past."""
+    model = tiny_llama()
+    cache = TurboQuantCache(bits=4, residual_length=8)
+    greedy(model, torch.randint(1, 128, (1, 200)), cache, steps=4)
+    layer = cache.layers[0]
+    assert layer.keys.shape[-2] == 8 and layer.compressed_length == 203 - 8
+    held = reachable_tensor_bytes(cache)
+    dense_past = 2 * 2 * 203 * 64 * 4 * len(cache.layers)  # K+V, fp32
+    assert held < dense_past / 3
+
+
+def test_long_context_fp16_large_norms_stay_finite():
+    """32K fp16 tokens whose squared norms overflow fp16: fp32 norms keep attention exact to the float64
+    reference computed from the same quantized values."""
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    generator = torch.Generator().manual_seed(0)
+    tokens, dim = 32768, 64
+    keys = (torch.randn(1, 1, tokens, dim, generator=generator) * 300).half()  # |k|^2 ~ 5.8e6 > fp16 max
+    values = (torch.randn(1, 1, tokens, dim, generator=generator) * 300).half()
+    for start in range(0, tokens, 8192):
+        layer.update(keys[:, :, start:start + 8192], values[:, :, start:start + 8192])
+    query = torch.randn(1, 1, 1, dim, generator=generator).half()
+    dense_keys, dense_values = layer.update(query, query)  # one decode step
+    assert torch.isfinite(dense_keys).all() and torch.isfinite(dense_values).all()
+    assert torch.isfinite(layer.compressed_keys.norms).all()
+    scale = dim ** -0.5
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), dense_keys.float(), dense_values.float(), scale=scale)
+    quantizer = TurboQuantizer(dim, 4)
+    past_keys = quantizer.dequantize(layer.compressed_keys[:, :, :tokens], torch.float64)
+    past_values = quantizer.dequantize(layer.compressed_values[:, :, :tokens], torch.float64)
+    keys64 = torch.cat([past_keys, query.double()], -2)
+    values64 = torch.cat([past_values, query.double()], -2)
+    reference = torch.softmax(query.double() @ keys64.transpose(-1, -2) * scale, -1) @ values64
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference, rtol=2e-3, atol=2e-3 * reference.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": 5}, "bits must be one of"),
+    ({"bits": 0}, "bits must be one of"),
+    ({"key_bits": 7}, "key_bits must be one of"),
+    ({"value_bits": 3.5}, "value_bits must be one of"),
+    ({"residual_length": -1}, "residual_length must be an int >= 0"),
+    ({"bits": 1, "qjl": True}, "qjl=True needs key_bits"),
+    ({"rotation": "fourier"}, "rotation must be one of"),
+    ({"seed": -3}, "seed must be a non-negative int"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TurboQuantCache(**kwargs)
+
+
+def test_qjl_must_be_bool():
+    with pytest.raises(TypeError, match="qjl must be a bool"):
+        TurboQuantCache(qjl="yes")
+
+
+def test_cache_reused_across_models_of_different_shapes(prompt):
+    cache = TurboQuantCache(bits=4)
+    greedy(tiny_llama(head_dim=64), prompt, cache, steps=2)
+    with pytest.raises(ValueError, match="does not match this cache layer"):
+        greedy(tiny_llama(head_dim=32), prompt, cache, steps=2)
+
+
+def test_head_dim_not_multiple_of_8_is_refused():
+    layer = TurboQuantLayer(4, 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        layer.update(torch.randn(1, 1, 3, 20), torch.randn(1, 1, 3, 20))

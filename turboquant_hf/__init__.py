@@ -1,0 +1,21 @@
+"""turboquant_hf: TurboQuant KV-cache compression for Hugging Face transformers."""
+
+from .cache import TurboQuantCache, TurboQuantLayer
+from .codebook import codebook, codebook_distortion
+from .packing import pack, packed_size, unpack
+from .quantizer import QuantizedTensor, TurboQuantizer
+from .rotation import Rotation
+
+__all__ = [
+    "QuantizedTensor",
+    "Rotation",
+    "TurboQuantCache",
+    "TurboQuantLayer",
+    "TurboQuantizer",
+    "codebook",
+    "codebook_distortion",
+    "pack",
+    "packed_size",
+    "unpack",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,254 @@
+"""TurboQuantizer: rotation + Lloyd-Max MSE stage, optional 1-bit QJL stage on the residual.
+
+For x in R^dim (a row of any (..., dim) tensor), with R the seeded rotation, c the codebook:
+
+    norm = ||x||  (float32, always: fp16 norms break long generation)
+    y    = R x / norm                       rotated unit vector, coordinates ~ (1 - t^2)^((dim-3)/2)
+    i_j  = #{boundaries < y_j}              nearest centroid (ties go to the lower centroid)
+    x~   = norm * R^T c[i]                  MSE reconstruction
+
+QJL (``qjl=True``, ``bits`` is the total budget; the MSE stage gets bits - 1): with r = y - c[i] and a
+seeded Gaussian S (dim x dim), store sign(S r) (1 bit each, ``S r >= 0`` -> +1) and ||r|| in float32.
+Then <q, x> ~ norm * (<R q, c[i]> + ||r|| sqrt(pi/2) / dim * <S R q, sign(S r)>), unbiased over S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .codebook import SUPPORTED_BITS, codebook
+from .packing import pack, packed_size, unpack
+from .rotation import Rotation
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Offset between the rotation's seed and the QJL projection's seed so that the two draws differ.
+_QJL_SEED_OFFSET = 0x9E3779B1
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    """Compressed (..., dim) vectors. All tensors share the leading shape ``(...)``.
+
+    packed_indices: (..., dim * mse_bits / 8) uint8; norms: (...) float32;
+    qjl_signs: (..., dim / 8) uint8 or None; residual_norms: (...) float32 or None.
+    """
+
+    packed_indices: torch.Tensor
+    norms: torch.Tensor
+    qjl_signs: torch.Tensor | None
+    residual_norms: torch.Tensor | None
+    dim: int
+    mse_bits: int
+    dtype: torch.dtype
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed_indices, self.norms, self.qjl_signs, self.residual_norms) if t is not None]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the vectors this holds, (..., dim)."""
+        return torch.Size((*self.norms.shape, self.dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.norms.device
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of the tensors held."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _map(self, fn) -> "QuantizedTensor":
+        return dataclasses.replace(
+            self,
+            packed_indices=fn(self.packed_indices),
+            norms=fn(self.norms),
+            qjl_signs=None if self.qjl_signs is None else fn(self.qjl_signs),
+            residual_norms=None if self.residual_norms is None else fn(self.residual_norms),
+        )
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        return self._map(lambda t: t.to(device))
+
+    def __getitem__(self, key) -> "QuantizedTensor":
+        """Index the leading dims (ints, slices, index tensors); the vector dim is never indexed."""
+        parts = key if isinstance(key, tuple) else (key,)
+        if any(part is Ellipsis or part is None for part in parts):
+            raise IndexError("QuantizedTensor indexing takes leading-dim indices only (no Ellipsis/None)")
+        if len(parts) > self.norms.dim():
+            raise IndexError(f"too many indices for QuantizedTensor with leading shape {tuple(self.norms.shape)}")
+        return self._map(lambda t: t[key])
+
+    @staticmethod
+    def cat(parts: list["QuantizedTensor"], dim: int = 0) -> "QuantizedTensor":
+        """Concatenate along leading dim ``dim`` (negative counts from the last leading dim)."""
+        if not parts:
+            raise ValueError("parts must be a non-empty list of QuantizedTensor")
+        first = parts[0]
+        leading = first.norms.dim()
+        axis = dim + leading if dim < 0 else dim
+        if not 0 <= axis < leading:
+            raise ValueError(f"dim must index a leading dim in [-{leading}, {leading}), got {dim}")
+        for part in parts[1:]:
+            if (part.dim, part.mse_bits, part.qjl_signs is None) != (first.dim, first.mse_bits, first.qjl_signs is None):
+                raise ValueError("cannot cat QuantizedTensors of different dim, bits or qjl")
+
+        def join(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if tensors[0] is None else torch.cat(tensors, dim=axis)
+
+        return dataclasses.replace(
+            first,
+            packed_indices=join("packed_indices"),
+            norms=join("norms"),
+            qjl_signs=join("qjl_signs"),
+            residual_norms=join("residual_norms"),
+        )
+
+
+class TurboQuantizer:
+    """TurboQuant for (..., dim) vectors.
+
+    Args:
+        dim: vector length, a multiple of 8 (exact bit packing), >= 8.
+        bits: total bits per coordinate, one of 1, 2, 3, 4, 8. With ``qjl`` the MSE stage uses bits - 1.
+        qjl: add the 1-bit QJL residual stage (unbiased inner products); needs bits >= 2.
+        rotation: "hadamard" (default; dense fallback for dims that are not powers of two) or "dense".
+        seed: seeds the rotation and the QJL projection; same seed -> identical bytes on any device.
+        device: where the rotation state is first built (it is copied to other devices on use).
+    Inputs may be float16, bfloat16, float32 or float64; the math runs in float32.
+    """
+
+    def __init__(self, dim: int, bits: int, *, qjl: bool = False, rotation: str = "hadamard", seed: int = 0,
+                 device: torch.device | str | None = None):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 8 or dim % 8 != 0:
+            raise ValueError(f"dim must be a positive multiple of 8 (exact bit packing), got {dim!r}")
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        if not isinstance(qjl, bool):
+            raise TypeError(f"qjl must be a bool, got {type(qjl).__name__}")
+        if qjl and bits not in (2, 3, 4):
+            raise ValueError(f"qjl=True needs bits in (2, 3, 4) (bits - 1 for the MSE stage), got bits={bits}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.dim = dim
+        self.bits = bits
+        self.qjl = qjl
+        self.mse_bits = bits - 1 if qjl else bits
+        self.seed = seed
+        self.rotation = Rotation(dim, rotation, seed, device)
+        self.rotation_kind = rotation
+        centroids, boundaries = codebook(dim, self.mse_bits)
+        self._states: dict[torch.device, tuple] = {}
+        self._build_state(torch.device(device) if device is not None else torch.device("cpu"), centroids, boundaries)
+
+    def _build_state(self, device: torch.device, centroids: torch.Tensor, boundaries: torch.Tensor) -> tuple:
+        projection = None
+        if self.qjl:
+            generator = torch.Generator(device="cpu").manual_seed(self.seed + _QJL_SEED_OFFSET)
+            projection = torch.randn(self.dim, self.dim, generator=generator).to(device)
+        state = (self.rotation.to(device), centroids.to(device), boundaries.to(device), projection)
+        self._states[device] = state
+        return state
+
+    def state(self, device: torch.device) -> tuple[Rotation, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rotation, centroids fp32, boundaries fp32, qjl projection (dim, dim) fp32 or None) on ``device``."""
+        found = self._states.get(device)
+        if found is not None:
+            return found
+        _, centroids, boundaries, _ = next(iter(self._states.values()))
+        return self._build_state(device, centroids, boundaries)
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes of one compressed vector: packed indices + fp32 norm (+ signs + fp32 residual norm)."""
+        size = packed_size(self.dim, self.mse_bits) + 4
+        if self.qjl:
+            size += self.dim // 8 + 4
+        return size
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the per-device state (rotation, codebook, projection) on one device."""
+        rotation, centroids, boundaries, projection = next(iter(self._states.values()))
+        extra = 0 if projection is None else projection.numel() * 4
+        return rotation.nbytes + (centroids.numel() + boundaries.numel()) * 4 + extra
+
+    def _check_input(self, x: torch.Tensor, name: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32, float64, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name} last dim must be dim={self.dim}, got shape {tuple(x.shape)}")
+
+    def quantize(self, x: torch.Tensor, *, check_finite: bool = True) -> QuantizedTensor:
+        """x: (..., dim) float -> QuantizedTensor with leading shape (...).
+
+        Zero vectors round-trip to exact zeros. With ``check_finite`` (default) NaN/Inf raise ValueError
+        (one host sync); without it a non-finite vector decodes to NaN and no other vector is affected.
+        """
+        self._check_input(x, "x")
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or Inf; TurboQuant needs finite vectors")
+        rotation, centroids, boundaries, projection = self.state(x.device)
+        x32 = x.float()
+        norms = torch.linalg.vector_norm(x32, dim=-1)
+        # Zero vectors: divide by 1 instead of 0; their norm of 0 makes them decode to exact zeros.
+        unit = x32 / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
+        rotated = rotation.rotate(unit)
+        indices = torch.bucketize(rotated, boundaries)
+        packed_indices = pack(indices, self.mse_bits)
+        qjl_signs = residual_norms = None
+        if projection is not None:
+            residual = rotated - centroids[indices]
+            residual_norms = torch.linalg.vector_norm(residual, dim=-1)
+            qjl_signs = pack((residual @ projection.T >= 0).to(torch.uint8), 1)
+        return QuantizedTensor(packed_indices, norms, qjl_signs, residual_norms, self.dim, self.mse_bits, x.dtype)
+
+    def _check_quantized(self, q: QuantizedTensor) -> None:
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+        if (q.dim, q.mse_bits, q.qjl_signs is not None) != (self.dim, self.mse_bits, self.qjl):
+            raise ValueError(
+                f"q was made with dim={q.dim}, mse_bits={q.mse_bits}, qjl={q.qjl_signs is not None}; this "
+                f"quantizer has dim={self.dim}, mse_bits={self.mse_bits}, qjl={self.qjl}"
+            )
+
+    def rotated_reconstruction(self, q: QuantizedTensor) -> torch.Tensor:
+        """The unit-norm reconstruction in the rotated domain, (..., dim) float32 (without the norm).
+
+        MSE: c[i]. With QJL: c[i] + ||r|| sqrt(pi/2) / dim * S^T sign(S r), so that inner products with
+        it are the unbiased estimate.
+        """
+        self._check_quantized(q)
+        _, centroids, _, projection = self.state(q.device)
+        rotated = centroids[unpack(q.packed_indices, self.mse_bits, self.dim)]
+        if projection is not None:
+            signs = unpack(q.qjl_signs, 1, self.dim).float() * 2 - 1
+            scale = q.residual_norms * (math.sqrt(math.pi / 2) / self.dim)
+            rotated = rotated + (signs @ projection) * scale.unsqueeze(-1)
+        return rotated
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """QuantizedTensor (...) -> (..., dim) in ``dtype`` (default: the dtype that was quantized)."""
+        rotated = self.rotated_reconstruction(q)  # validates q first (TypeError/ValueError)
+        rotation = self.state(q.device)[0]
+        dense = rotation.unrotate(rotated) * q.norms.unsqueeze(-1)
+        return dense.to(dtype or q.dtype)
+
+    def inner_product(self, query: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+        """Estimated query . key^T, broadcasting like matmul.
+
+        query: (..., M, dim) float; q: leading shape (..., N) -> scores (..., M, N) float32.
+        The query is rotated once; keys are never rotated back.
+        """
+        self._check_input(query, "query")
+        self._check_quantized(q)
+        rotation = self.state(query.device)[0]
+        query_rotated = rotation.rotate(query.float())
+        keys_rotated = self.rotated_reconstruction(q) * q.norms.unsqueeze(-1)
+        return query_rotated @ keys_rotated.transpose(-1, -2)
