@@ -1,5 +1,6 @@
 """turboquant_hf: TurboQuant KV-cache compression for Hugging Face transformers."""
 
+from . import attention  # noqa: F401  (registers attn_implementation="turboquant")
 from .cache import TurboQuantCache, TurboQuantLayer
 from .codebook import codebook, codebook_distortion
 from .packing import pack, packed_size, unpack

@@ -17,6 +17,7 @@ attention): no dense copy of old tokens survives between layers or steps.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
@@ -28,6 +29,13 @@ from .rotation import ROTATIONS
 # Storage grows by at least this many tokens (and by a quarter of its size): few reallocations,
 # and at most ~25% slack, which ``memory_report`` counts.
 _GROWTH_BLOCK = 256
+
+
+# Weak references to the layer of the latest update() and the keys it returned: the "turboquant"
+# attention function runs right after its layer's update and uses them to find the compressed storage
+# (transformers does not pass the cache to attention functions); the identity check on the keys makes a
+# mismatch safe, and weak references keep no transient dense tensor alive.
+_LAST_UPDATE: dict = {"layer": lambda: None, "keys": lambda: None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +72,7 @@ class TurboQuantLayer(DynamicLayer):
         self.key_storage: QuantizedTensor | None = None
         self.value_storage: QuantizedTensor | None = None
         self.compressed_length = 0
+        self.attention_compressed_length = 0  # compressed tokens the current attention call must read
         # Set by the "turboquant" attention function: from then on ``update`` skips the dense past.
         self.fused = False
 
@@ -125,14 +134,14 @@ class TurboQuantLayer(DynamicLayer):
         """Append (B, H, n, D) new states; return the (B, H, seq, D) states for this attention call.
 
         Returned: dequantized compressed past ++ residual window ++ the new states (exact), in the new
-        states' dtype. In fused mode (``attn_implementation="turboquant"``) only the new states.
+        states' dtype. In fused mode (``attn_implementation="turboquant"``) the compressed past is left
+        out: the attention function reads it packed (``attention_compressed_length`` tokens of storage).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
-        past_keys = past_values = None
-        if not self.fused:
-            past_keys, past_values = self._dense_past(key_states.dtype)
+        self.attention_compressed_length = self.compressed_length
+        past_keys, past_values = self._dense_past(key_states.dtype, include_compressed=not self.fused)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.residual_length
@@ -141,14 +150,16 @@ class TurboQuantLayer(DynamicLayer):
             # Keep only the window; clone so the flushed tokens' dense memory is actually released.
             self.keys = self.keys[:, :, overflow:].clone()
             self.values = self.values[:, :, overflow:].clone()
-        if self.fused:
-            return key_states, value_states
-        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+        returned = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+        _LAST_UPDATE.update(layer=weakref.ref(self), keys=weakref.ref(returned[0]))
+        return returned
 
-    def _dense_past(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed past dequantized, then the residual window: (B, H, Nc + r, D) each, transient."""
+    def _dense_past(self, dtype: torch.dtype, include_compressed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Dequantized compressed past ++) residual window: (B, H, [Nc +] r, D) each, transient."""
         from .kernels import dequantize_into
 
+        if not include_compressed or self.compressed_length == 0:
+            return self.keys.to(dtype), self.values.to(dtype)
         outputs = []
         for storage, quantizer, window in (
             (self.compressed_keys, self.key_quantizer, self.keys),
@@ -156,8 +167,7 @@ class TurboQuantLayer(DynamicLayer):
         ):
             batch, heads, window_length, dim = window.shape
             dense = window.new_empty((batch, heads, self.compressed_length + window_length, dim), dtype=dtype)
-            if self.compressed_length:
-                dequantize_into(storage, quantizer, dense[:, :, : self.compressed_length])
+            dequantize_into(storage, quantizer, dense[:, :, : self.compressed_length])
             dense[:, :, self.compressed_length:] = window
             outputs.append(dense)
         return outputs[0], outputs[1]
@@ -205,9 +215,11 @@ class TurboQuantLayer(DynamicLayer):
 
     # ------------------------------------------------------------------------- cache operations
     def reset(self) -> None:
-        super().reset()
+        """Drop every state; the next update starts from scratch (same on every transformers version)."""
+        self.keys = self.values = None
         self.key_storage = self.value_storage = None
         self.compressed_length = 0
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (a positive value is the length to keep).

@@ -1,0 +1,92 @@
+"""attn_implementation="turboquant": same results as the default (dequantize + SDPA) path."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from turboquant_hf import TurboQuantCache
+from turboquant_hf.attention import MAX_FUSED_QUERIES, dense_attention
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma2():
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=16,
+                          attn_logit_softcapping=30.0, final_logit_softcapping=20.0, max_position_embeddings=1024)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def run(model, impl, ids, cache, **kwargs):
+    model.set_attn_implementation(impl)
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gemma2])
+@pytest.mark.parametrize("residual_length", [0, 8])
+def test_fused_path_matches_default_path(builder, residual_length):
+    model = builder()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    make = lambda: TurboQuantCache(bits=3, residual_length=residual_length, config=model.config)  # noqa: E731
+    default_tokens, default_scores = run(model, "sdpa" if builder is tiny_llama else "eager", ids, make())
+    fused_cache = make()
+    fused_tokens, fused_scores = run(model, "turboquant", ids, fused_cache)
+    assert torch.equal(fused_tokens, default_tokens)
+    torch.testing.assert_close(fused_scores, default_scores, rtol=1e-4, atol=1e-4)
+    assert any(getattr(layer, "fused", False) for layer in fused_cache.layers)
+
+
+def test_fused_update_returns_no_dense_past():
+    model = tiny_llama()
+    cache = TurboQuantCache(bits=4, residual_length=4)
+    run(model, "turboquant", torch.randint(1, 128, (1, 30)), cache)
+    layer = cache.layers[0]
+    keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+    assert layer.fused and keys.shape[2] == 4 + 1  # the window and the new token only
+    assert layer.attention_compressed_length == layer.compressed_length - 1  # read packed by the kernel
+
+
+def test_left_padding_and_chunked_prefill_over_compressed_past():
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    results = []
+    for impl in ("sdpa", "turboquant"):
+        model.set_attn_implementation(impl)
+        cache = TurboQuantCache(bits=4, residual_length=0)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+            more = torch.randint(1, 128, (2, MAX_FUSED_QUERIES + 3), generator=torch.Generator().manual_seed(4))
+            long_mask = torch.cat([mask, torch.ones_like(more)], dim=-1)
+            chunk = model(more, attention_mask=long_mask, past_key_values=cache).logits  # > MAX_FUSED_QUERIES
+            step = model(more[:, :2], attention_mask=torch.cat([long_mask, torch.ones(2, 2, dtype=mask.dtype)], -1),
+                         past_key_values=cache).logits
+        results.append((chunk, step))
+    for default, fused in zip(*results):
+        torch.testing.assert_close(fused, default, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_dense_attention_matches_float64_reference(softcap):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 3, 16, generator=generator)
+    keys, values = torch.randn(2, 2, 7, 16, generator=generator), torch.randn(2, 2, 7, 16, generator=generator)
+    mask = torch.ones(2, 1, 3, 7, dtype=torch.bool)
+    mask[1, :, :, :2] = False
+    out = dense_attention(query, keys, values, mask, scale=0.25, softcap=softcap)
+    k64, v64 = keys.double().repeat_interleave(2, 1), values.double().repeat_interleave(2, 1)
+    scores = query.double() @ k64.transpose(-1, -2) * 0.25
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    causal = torch.arange(7) <= (4 + torch.arange(3))[:, None]
+    scores = scores.masked_fill(~(causal & mask), float("-inf"))
+    torch.testing.assert_close(out.double(), torch.softmax(scores, -1) @ v64, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,76 @@
+"""The "turboquant" attention implementation: decode attention straight from the packed cache.
+
+``import turboquant_hf`` registers it, so ``from_pretrained(..., attn_implementation="turboquant")``
+with a ``TurboQuantCache`` never materializes the dense past: each layer's attention call reads the
+packed keys/values (``kernels.decode_attention``), plus the full-precision window and the new tokens.
+
+Calls that have no compressed past to read (prefill of an empty cache, a layer kind the cache keeps
+dense, such as a sliding-window layer, or a model run without a TurboQuantCache) and calls with many
+query tokens (chunked prefill, over ``MAX_FUSED_QUERIES``) use dense attention on the states given,
+after dequantizing the past into a transient tensor where there is one.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import _LAST_UPDATE, TurboQuantLayer
+from .kernels import decode_attention
+
+NAME = "turboquant"
+# Above this many query tokens a dense matmul over the dequantized past beats the decode kernel.
+MAX_FUSED_QUERIES = 64
+
+
+def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None,
+                    *, scale: float, softcap: float | None) -> torch.Tensor:
+    """query (B, Hq, M, D), keys/values (B, Hkv, L, D) -> (B, Hq, M, D), in query.dtype.
+
+    The M queries are the last M of the L positions (causal); attention_mask (B, 1, M, >= L) bool or
+    additive float applies on top.
+    """
+    n_queries, kv_len = query.shape[2], keys.shape[2]
+    positions = torch.arange(kv_len, device=query.device)
+    allowed = positions <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_len]
+        allowed = allowed & mask if mask.dtype == torch.bool else torch.where(allowed, mask, float("-inf"))
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True)
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = softcap * torch.tanh((query.float() @ keys.float().transpose(-1, -2)) * scale / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
+    return (torch.softmax(scores, dim=-1) @ values.float()).to(query.dtype)
+
+
+def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None)."""
+    if dropout and module.training:
+        raise ValueError("attn_implementation='turboquant' is for inference: dropout must be 0 in training mode")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = _LAST_UPDATE["layer"]()
+    ours = isinstance(layer, TurboQuantLayer) and _LAST_UPDATE["keys"]() is key
+    past = layer.attention_compressed_length if ours else 0
+    if ours and past and layer.fused and query.shape[2] <= MAX_FUSED_QUERIES:
+        out = decode_attention(
+            query, layer.key_storage[:, :, :past], layer.value_storage[:, :, :past], layer.key_quantizer,
+            layer.value_quantizer, key, value, scale=scale, softcap=softcap, attention_mask=attention_mask,
+        )
+    else:
+        if ours and past and layer.fused:  # many query tokens: dense over a transient dequantized past
+            key = torch.cat([layer.key_quantizer.dequantize(layer.key_storage[:, :, :past], key.dtype), key], dim=2)
+            value = torch.cat([layer.value_quantizer.dequantize(layer.value_storage[:, :, :past], value.dtype), value], dim=2)
+        out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap)
+        if ours:
+            layer.fused = True  # from the next update on, the layer returns only window + new tokens
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, turboquant_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
