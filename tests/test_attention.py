@@ -49,9 +49,10 @@ def test_fused_update_returns_no_dense_past():
     cache = TurboQuantCache(bits=4, residual_length=4)
     run(model, "turboquant", torch.randint(1, 128, (1, 30)), cache)
     layer = cache.layers[0]
+    window = layer.keys.shape[2]
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    assert layer.fused and keys.shape[2] == 4 + 1  # the window and the new token only
-    assert layer.attention_compressed_length == layer.compressed_length - 1  # read packed by the kernel
+    assert layer.fused and keys.shape[2] == window + 1  # the window and the new token only
+    assert layer.attention_compressed_length + window + 1 == layer.get_seq_length()  # the rest is read packed
 
 
 def test_left_padding_and_chunked_prefill_over_compressed_past():

@@ -51,7 +51,12 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     out_keys, out_values = layer.update(keys2, values2)
     all_keys, all_values = torch.cat([keys1, keys2], -2), torch.cat([values1, values2], -2)
     past = 7  # tokens before the second update
-    compressed_before = max(past - residual_length, 0)
+    block = min(64, residual_length)  # the window flushes once it exceeds residual_length + block
+
+    def compressed_after(total):
+        return total - residual_length if total - residual_length > block else 0
+
+    compressed_before = compressed_after(past)
     key_quantizer, value_quantizer = TurboQuantizer(64, 4), TurboQuantizer(64, 3)
     expected_keys = all_keys.clone()
     expected_values = all_values.clone()
@@ -59,8 +64,8 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     expected_values[:, :, :compressed_before] = value_quantizer.dequantize(value_quantizer.quantize(values1[:, :, :compressed_before]))
     torch.testing.assert_close(out_keys, expected_keys, rtol=0, atol=1e-6)
     torch.testing.assert_close(out_values, expected_values, rtol=0, atol=1e-6)
-    # After the update: the newest min(residual, 12) tokens are in the window, the rest compressed.
-    in_window = min(residual_length, 12)
+    # After the update: all but the newest residual_length tokens are compressed once the window overflows.
+    in_window = 12 - compressed_after(12)
     assert layer.keys.shape[-2] == in_window and layer.compressed_length == 12 - in_window
     assert layer.get_seq_length() == 12
     torch.testing.assert_close(layer.keys, all_keys[:, :, 12 - in_window:])
@@ -262,7 +267,8 @@ def test_no_dense_copy_of_old_tokens_survives():
     cache = TurboQuantCache(bits=4, residual_length=8)
     greedy(model, torch.randint(1, 128, (1, 200)), cache, steps=4)
     layer = cache.layers[0]
-    assert layer.keys.shape[-2] == 8 and layer.compressed_length == 203 - 8
+    # 203 tokens: the window flushed down to 8 after 200 + 8 > 8 + 8 at prefill, then grew by 3.
+    assert layer.keys.shape[-2] == 11 and layer.compressed_length == 203 - 11
     held = reachable_tensor_bytes(cache)
     dense_past = 2 * 2 * 203 * 64 * 4 * len(cache.layers)  # K+V, fp32
     assert held < dense_past / 3

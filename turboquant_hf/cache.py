@@ -5,8 +5,10 @@ Storage of one attention layer (``TurboQuantLayer``), for batch B, kv heads H, h
     key_storage / value_storage   QuantizedTensor, leading shape (B, H, capacity): packed indices
                                   (uint8) and fp32 norms, contiguous per (batch, head), appended in
                                   blocks; only the first ``compressed_length`` tokens are valid.
-    keys / values                 (B, H, r, D) in the model dtype: the newest r <= residual_length
-                                  tokens in full precision (the "residual window").
+    keys / values                 (B, H, r, D) in the model dtype: the newest tokens in full precision
+                                  (the "residual window"): r grows to residual_length + min(64,
+                                  residual_length), then all but the newest residual_length are
+                                  compressed in one block (residual_length=0: every token at once).
 
 ``update`` appends the new tokens to the window and compresses whatever falls out of it. It returns
 dense states for the attention call: the compressed past dequantized into a fresh tensor, then the
@@ -26,6 +28,8 @@ from .codebook import SUPPORTED_BITS
 from .quantizer import QuantizedTensor, TurboQuantizer
 from .rotation import ROTATIONS
 
+# Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block.
+_FLUSH_BLOCK = 64
 # Storage grows by at least this many tokens (and by a quarter of its size): few reallocations,
 # and at most ~25% slack, which ``memory_report`` counts.
 _GROWTH_BLOCK = 256
@@ -145,7 +149,9 @@ class TurboQuantLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.residual_length
-        if overflow > 0:
+        # Flush in blocks: the window grows to residual_length + block, then its oldest tokens are
+        # compressed together, so most decode steps run no encode at all.
+        if overflow > min(_FLUSH_BLOCK, self.residual_length):
             self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow])
             # Keep only the window; clone so the flushed tokens' dense memory is actually released.
             self.keys = self.keys[:, :, overflow:].clone()

@@ -1,0 +1,156 @@
+"""End-to-end decode speed and memory on a randomly initialised 8B-shaped Llama (CUDA, bf16).
+
+    python benchmarks/bench_generate.py --prompt 32768 --new 128 --batch 1 8 --out results.json
+
+For each batch size: prefill the prompt, then greedily decode --new tokens, with
+  dynamic  DynamicCache + SDPA (the baseline)
+  tq-default  TurboQuantCache(bits=4) + SDPA (past dequantized per layer into a transient tensor)
+  tq-fused  TurboQuantCache(bits=4) + attn_implementation="turboquant" (reads the packed cache)
+and reports decode tokens/s (batch * tokens / seconds), torch.cuda.max_memory_allocated during prefill+decode,
+the cache's own bytes, and (with --max-context) the largest prompt that fits, found by doubling then bisection.
+Random weights are fine for speed; the model is 32 layers, hidden 4096, 32/8 heads, head_dim 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import turboquant_hf
+from turboquant_hf import TurboQuantCache
+
+CONFIGS = {
+    "dynamic": ("sdpa", lambda: DynamicCache()),
+    "tq4-default": ("sdpa", lambda: TurboQuantCache(bits=4, residual_length=128)),
+    "tq4-fused": ("turboquant", lambda: TurboQuantCache(bits=4, residual_length=128)),
+}
+
+
+def build_model(layers: int) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=1 << 20, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, TurboQuantCache):
+        return cache.memory_report()["compressed_bytes"]
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+@torch.no_grad()
+def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int) -> dict:
+    model.set_attn_implementation(impl)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cache = make_cache()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    # Prefill in chunks of 8K tokens so that the MLP activations of a long prompt do not dominate memory.
+    for begin in range(0, prompt, 8192):
+        logits = model(ids[:, begin:begin + 8192], past_key_values=cache, logits_to_keep=1).logits
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - start
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    # Two warm-up steps (Triton compilation, allocator), then the timed decode.
+    for _ in range(2):
+        token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(new):
+        token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    decode_s = time.perf_counter() - start
+    result = {
+        "batch": batch, "prompt": prompt, "new_tokens": new,
+        "prefill_s": prefill_s, "decode_tokens_per_s": batch * new / decode_s, "decode_ms_per_step": 1e3 * decode_s / new,
+        "peak_allocated_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+        "cache_gib": cache_bytes(cache) / 2**30,
+    }
+    del cache, logits
+    return result
+
+
+def fits(model, impl, make_cache, batch, prompt) -> bool:
+    try:
+        run_once(model, impl, make_cache, batch, prompt, 2)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def max_context(model, impl, make_cache, batch, start: int, limit: int) -> int:
+    """Largest prompt (multiple of 8K) that prefills and decodes, by doubling then bisection."""
+    low, high = 0, start
+    while high <= limit and fits(model, impl, make_cache, batch, high):
+        low, high = high, high * 2
+    high = min(high, limit + 8192)
+    while high - low > 8192:
+        middle = (low + high) // 2 // 8192 * 8192
+        low, high = (middle, high) if fits(model, impl, make_cache, batch, middle) else (low, middle)
+    return low
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--max-context", action="store_true", help="also search the largest prompt that fits (B=1)")
+    parser.add_argument("--max-context-limit", type=int, default=1 << 21)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_generate.py needs a CUDA GPU")
+    machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+               "turboquant_hf": turboquant_hf.__version__, "python": platform.python_version(),
+               "command": " ".join(sys.argv)}
+    print(json.dumps(machine))
+    model = build_model(args.layers)
+    rows = []
+    for batch in args.batch:
+        for name in args.configs:
+            impl, make_cache = CONFIGS[name]
+            row = {"config": name, **run_once(model, impl, make_cache, batch, args.prompt, args.new)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| config | B | prompt | decode tok/s | ms/step | peak alloc GiB | cache GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['config']} | {row['batch']} | {row['prompt']} | {row['decode_tokens_per_s']:.1f} | "
+              f"{row['decode_ms_per_step']:.2f} | {row['peak_allocated_gib']:.2f} | {row['cache_gib']:.3f} |")
+    contexts = {}
+    if args.max_context:
+        for name in args.configs:
+            impl, make_cache = CONFIGS[name]
+            contexts[name] = max_context(model, impl, make_cache, 1, 131072, args.max_context_limit)
+            print(f"max context (B=1) {name}: {contexts[name]}", flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"machine": machine, "rows": rows, "max_context_b1": contexts}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
