@@ -76,18 +76,52 @@ def test_left_padding_and_chunked_prefill_over_compressed_past():
         torch.testing.assert_close(fused, default, rtol=1e-4, atol=1e-4)
 
 
+def reference_attention(query, keys, values, allowed, scale, softcap):
+    """float64 softmax attention with GQA by repetition; rows with nothing allowed give zeros."""
+    group = query.shape[1] // keys.shape[1]
+    k64, v64 = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+    scores = query.double() @ k64.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, -1).nan_to_num(0.0) @ v64)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_dense_attention_matches_float64_reference(softcap):
+@pytest.mark.parametrize("case", ["causal", "mask", "bidirectional"])
+def test_dense_attention_matches_float64_reference(softcap, case):
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 3, 16, generator=generator)
     keys, values = torch.randn(2, 2, 7, 16, generator=generator), torch.randn(2, 2, 7, 16, generator=generator)
-    mask = torch.ones(2, 1, 3, 7, dtype=torch.bool)
-    mask[1, :, :, :2] = False
-    out = dense_attention(query, keys, values, mask, scale=0.25, softcap=softcap)
-    k64, v64 = keys.double().repeat_interleave(2, 1), values.double().repeat_interleave(2, 1)
-    scores = query.double() @ k64.transpose(-1, -2) * 0.25
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    causal = torch.arange(7) <= (4 + torch.arange(3))[:, None]
-    scores = scores.masked_fill(~(causal & mask), float("-inf"))
-    torch.testing.assert_close(out.double(), torch.softmax(scores, -1) @ v64, rtol=1e-5, atol=1e-5)
+    causal = torch.arange(7) <= (4 + torch.arange(3))[:, None]  # queries are the last 3 of 7 positions
+    if case == "mask":  # a given mask is used as is (here: causal plus padding of batch row 1)
+        mask = causal.expand(2, 1, 3, 7).clone()
+        mask[1, :, :, :2] = False
+        allowed, out = mask, dense_attention(query, keys, values, mask, scale=0.25, softcap=softcap, causal=True)
+    elif case == "causal":
+        allowed, out = causal, dense_attention(query, keys, values, None, scale=0.25, softcap=softcap, causal=True)
+    else:
+        allowed = torch.ones(3, 7, dtype=torch.bool)
+        out = dense_attention(query, keys, values, None, scale=0.25, softcap=softcap, causal=False)
+    torch.testing.assert_close(out.double(), reference_attention(query, keys, values, allowed, 0.25, softcap),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_fully_masked_row_gives_zeros_not_nan():
+    query, keys, values = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    mask = torch.tensor([False, True, True]).view(1, 1, 1, 3).expand(1, 1, 3, 3).clone()
+    mask[..., 0, :] = False
+    out = dense_attention(query, keys, values, mask, scale=0.25, softcap=50.0, causal=True)
+    assert torch.isfinite(out).all() and torch.equal(out[0, :, 0], torch.zeros(2, 16))
+
+
+def test_non_causal_modules_stay_non_causal():
+    """A vision tower run with attn_implementation="turboquant" keeps its bidirectional attention."""
+    from turboquant_hf.attention import turboquant_attention
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    query, keys, values = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    out, _ = turboquant_attention(module, query, keys, values, None, scaling=0.25, is_causal=False)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, expected)

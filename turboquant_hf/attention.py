@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import _LAST_UPDATE, TurboQuantLayer
@@ -25,26 +26,28 @@ MAX_FUSED_QUERIES = 64
 
 
 def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None,
-                    *, scale: float, softcap: float | None) -> torch.Tensor:
+                    *, scale: float, softcap: float | None, causal: bool) -> torch.Tensor:
     """query (B, Hq, M, D), keys/values (B, Hkv, L, D) -> (B, Hq, M, D), in query.dtype.
 
-    The M queries are the last M of the L positions (causal); attention_mask (B, 1, M, >= L) bool or
-    additive float applies on top.
+    attention_mask: (B, 1, M, >= L) bool (True = attend) or additive float, or None. ``causal`` (used when
+    there is no mask; a given mask already encodes the model's pattern): the M queries are the last M of
+    the L positions. A query row with no allowed key gives zeros.
     """
     n_queries, kv_len = query.shape[2], keys.shape[2]
-    positions = torch.arange(kv_len, device=query.device)
-    allowed = positions <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
-    if attention_mask is not None:
-        mask = attention_mask[..., :kv_len]
-        allowed = allowed & mask if mask.dtype == torch.bool else torch.where(allowed, mask, float("-inf"))
+    allowed = None if attention_mask is None else attention_mask[..., :kv_len]
+    if allowed is None and causal and n_queries > 1:
+        positions = torch.arange(kv_len, device=query.device)
+        allowed = positions <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
     if softcap is None:
         return torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True)
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     scores = softcap * torch.tanh((query.float() @ keys.float().transpose(-1, -2)) * scale / softcap)
-    scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
-    return (torch.softmax(scores, dim=-1) @ values.float()).to(query.dtype)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: zeros, not NaN
+    return (weights @ values.float()).to(query.dtype)
 
 
 def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -53,20 +56,29 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None)."""
     if dropout and module.training:
         raise ValueError("attn_implementation='turboquant' is for inference: dropout must be 0 in training mode")
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = _LAST_UPDATE["layer"]()
     ours = isinstance(layer, TurboQuantLayer) and _LAST_UPDATE["keys"]() is key
+    if not ours and softcap is None:  # not a compressed layer (vision tower, sliding layer, no cache): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
     past = layer.attention_compressed_length if ours else 0
-    if ours and past and layer.fused and query.shape[2] <= MAX_FUSED_QUERIES:
+    n_queries = query.shape[2]
+    # The kernel applies the decoder's causal pattern itself, which a given mask may relax (e.g. image
+    # tokens attending each other): with a mask, only single-token steps take the kernel.
+    fusable = causal and n_queries <= MAX_FUSED_QUERIES and (attention_mask is None or n_queries == 1)
+    if ours and past and layer.fused and fusable:
         out = decode_attention(
             query, layer.key_storage[:, :, :past], layer.value_storage[:, :, :past], layer.key_quantizer,
             layer.value_quantizer, key, value, scale=scale, softcap=softcap, attention_mask=attention_mask,
         )
     else:
-        if ours and past and layer.fused:  # many query tokens: dense over a transient dequantized past
+        if ours and past and layer.fused:  # the past is needed dense: dequantize it into a transient tensor
             key = torch.cat([layer.key_quantizer.dequantize(layer.key_storage[:, :, :past], key.dtype), key], dim=2)
-            value = torch.cat([layer.value_quantizer.dequantize(layer.value_storage[:, :, :past], value.dtype), value], dim=2)
-        out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap)
+            value = torch.cat([layer.value_quantizer.dequantize(layer.value_storage[:, :, :past], value.dtype), value],
+                              dim=2)
+        out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
         if ours:
             layer.fused = True  # from the next update on, the layer returns only window + new tokens
     return out.transpose(1, 2).contiguous(), None
