@@ -53,7 +53,7 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int) -> dict:
+def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int, profile: bool = False) -> dict:
     model.set_attn_implementation(impl)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     gc.collect()
@@ -78,6 +78,16 @@ def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int) ->
         token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - start
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+        print(f"--- profile: {impl} B={batch}, 3 decode steps", flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     result = {
         "batch": batch, "prompt": prompt, "new_tokens": new,
         "prefill_s": prefill_s, "decode_tokens_per_s": batch * new / decode_s, "decode_ms_per_step": 1e3 * decode_s / new,
@@ -120,6 +130,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--max-context", action="store_true", help="also search the largest prompt that fits (B=1)")
     parser.add_argument("--max-context-limit", type=int, default=1 << 21)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 decode steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -133,7 +144,7 @@ def main() -> None:
     for batch in args.batch:
         for name in args.configs:
             impl, make_cache = CONFIGS[name]
-            row = {"config": name, **run_once(model, impl, make_cache, batch, args.prompt, args.new)}
+            row = {"config": name, **run_once(model, impl, make_cache, batch, args.prompt, args.new, args.profile)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| config | B | prompt | decode tok/s | ms/step | peak alloc GiB | cache GiB |")
