@@ -81,7 +81,7 @@ def test_storage_grows_in_blocks_and_keeps_old_tokens():
         layer.update(keys[:, :, start:start + 50], values[:, :, start:start + 50])
     assert layer.compressed_length == 300
     capacity = layer.key_storage.norms.shape[-1]
-    assert capacity % 256 == 0 and 300 <= capacity <= 300 * 1.25 + 256
+    assert capacity % 64 == 0 and 300 <= capacity <= 300 * 1.25 + 64
     expected = TurboQuantizer(64, 2).quantize(keys)
     assert torch.equal(layer.compressed_keys.packed_indices, expected.packed_indices)
 
@@ -244,8 +244,11 @@ def reachable_tensor_bytes(root) -> int:
 
 
 def test_memory_report_is_honest_and_ratio_at_least_3_7():
-    """2K-token prefill, bits=4, residual 0, head_dim 128, bf16: report == object graph; ratio >= 3.7."""
-    model = tiny_llama(head_dim=128, layers=2, kv_heads=2, heads=2, dtype=torch.bfloat16)
+    """2K-token prefill, bits=4, residual 0, head_dim 128, bf16: report == object graph; ratio >= 3.7.
+
+    4 layers of 8 kv heads (an 8B model has 32): the rotation state (64 KiB, shared by all layers)
+    then weighs what it does in a real model, under 1% of the cache."""
+    model = tiny_llama(head_dim=128, layers=4, kv_heads=8, heads=8, dtype=torch.bfloat16)
     ids = torch.randint(1, 128, (1, 2048), generator=torch.Generator().manual_seed(0))
     cache, dense = TurboQuantCache(bits=4, residual_length=0), DynamicCache()
     with torch.no_grad():
@@ -256,7 +259,7 @@ def test_memory_report_is_honest_and_ratio_at_least_3_7():
     assert abs(held - report["compressed_bytes"]) <= 0.05 * held
     dense_held = reachable_tensor_bytes(dense)
     assert report["dense_bytes"] == dense_held
-    assert report["tokens"] == 2048 and len(report["layers"]) == 2
+    assert report["tokens"] == 2048 and len(report["layers"]) == 4
     assert dense_held / held >= 3.7
     assert report["ratio"] >= 3.7
 

@@ -69,7 +69,7 @@ def test_hadamard_is_scaled_sylvester_times_signs(dim):
     signs = rotation.signs.double()
     assert set(signs.tolist()) <= {-1.0, 1.0}
     torch.testing.assert_close(rotation.matrix().double(), sylvester(dim) * signs / dim**0.5, rtol=0, atol=1e-7)
-    assert rotation.nbytes == dim * 4
+    assert rotation.nbytes == dim * 4 + dim * dim * 4  # the signs, and the matrix built from them above
 
 
 @pytest.mark.parametrize("dim", (80, 96, 112, 24))

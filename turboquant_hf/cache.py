@@ -32,7 +32,7 @@ from .rotation import ROTATIONS
 _FLUSH_BLOCK = 64
 # Storage grows by at least this many tokens (and by a quarter of its size): few reallocations,
 # and at most ~25% slack, which ``memory_report`` counts.
-_GROWTH_BLOCK = 256
+_GROWTH_BLOCK = 64
 
 
 # Weak references to the layer of the latest update() and the keys it returned: the "turboquant"
