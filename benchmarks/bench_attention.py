@@ -1,0 +1,221 @@
+"""Decode attention over a TurboQuant cache vs bf16 SDPA, against memory floors, on one CUDA GPU.
+
+    python benchmarks/bench_attention.py --out out/bench_attention.json [--sweep]
+
+Shapes: bf16, Hq=32, Hkv=8, D=128, one new query token, B in {1, 8}, kv length N in {4K, 32K, 128K}.
+The TurboQuant cache holds N - 128 compressed tokens plus a 128-token bf16 residual window (same total
+length as SDPA's N). Packed data is random: speed does not depend on the values. Times are medians of
+CUDA-event pairs around each of 50 calls after warm-up. Memory floor = bytes the call must read and
+write / device-to-device copy bandwidth measured in the same run. Also reports encode and dequantize
+throughput as a share of that bandwidth. --sweep times alternative launch configs and dot precisions
+of the fused kernel (TQ4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turboquant_hf import QuantizedTensor, TurboQuantizer  # noqa: E402
+
+attention = importlib.import_module("turboquant_hf.kernels.decode_attention")
+encode = importlib.import_module("turboquant_hf.kernels.encode")
+dequant = importlib.import_module("turboquant_hf.kernels.dequant")
+
+Q_HEADS, KV_HEADS, HEAD_DIM, RESIDUAL = 32, 8, 128, 128
+BATCHES, LENGTHS, BITS = (1, 8), (4096, 32768, 131072), (4, 3, 2)
+
+
+def median_us(fn, calls: int = 50, warmup: int = 10) -> float:
+    """Median over ``calls`` of the CUDA-event time around one call of fn, in microseconds."""
+    for _ in range(warmup):
+        fn()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs) * 1e3
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (a copy reads and writes each byte)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * nbytes / (median_us(lambda: target.copy_(source), calls=20) * 1e-6)
+
+
+def random_quantized(quantizer: TurboQuantizer, batch: int, length: int) -> QuantizedTensor:
+    packed = torch.randint(0, 256, (batch, KV_HEADS, length, quantizer.dim * quantizer.mse_bits // 8),
+                           dtype=torch.uint8, device="cuda")
+    norms = torch.rand(batch, KV_HEADS, length, device="cuda") * 4 + 9
+    return QuantizedTensor(packed, norms, None, None, quantizer.dim, quantizer.mse_bits, torch.bfloat16)
+
+
+def attention_rows(bandwidth: float, quantizers: dict) -> list[dict]:
+    rows = []
+    for batch in BATCHES:
+        for length in LENGTHS:
+            query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            keys = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            values = torch.randn_like(keys)
+            io_bytes = 2 * query.numel() * query.element_size()
+            sdpa_bytes = 2 * keys.numel() * keys.element_size() + io_bytes
+            sdpa_us = median_us(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True))
+            rows.append({"batch": batch, "length": length, "method": "sdpa bf16", "us": sdpa_us, "bytes": sdpa_bytes})
+            residual_keys, residual_values = keys[:, :, -RESIDUAL:].clone(), values[:, :, -RESIDUAL:].clone()
+            del keys, values
+            for bits in BITS:
+                quantizer = quantizers[bits]
+                compressed_keys = random_quantized(quantizer, batch, length - RESIDUAL)
+                compressed_values = random_quantized(quantizer, batch, length - RESIDUAL)
+                tq_bytes = (sum(t.numel() * t.element_size() for q in (compressed_keys, compressed_values)
+                                for t in q.tensors())
+                            + 2 * residual_keys.numel() * residual_keys.element_size() + io_bytes)
+
+                def fused():
+                    return attention.decode_attention_triton(query, compressed_keys, compressed_values, quantizer,
+                                                             quantizer, residual_keys, residual_values,
+                                                             scale=HEAD_DIM**-0.5)
+
+                rows.append({"batch": batch, "length": length, "method": f"TQ{bits} fused", "us": median_us(fused),
+                             "bytes": tq_bytes})
+                del compressed_keys, compressed_values
+            torch.cuda.empty_cache()
+    for row in rows:
+        sdpa = next(r for r in rows if (r["batch"], r["length"], r["method"]) == (row["batch"], row["length"],
+                                                                                  "sdpa bf16"))
+        row["floor_us"] = row["bytes"] / bandwidth * 1e6
+        row["speedup_vs_sdpa"] = sdpa["us"] / row["us"]
+    return rows
+
+
+def codec_rows(bandwidth: float, quantizers: dict) -> list[dict]:
+    """Encode (bf16 -> storage) and dequantize (storage -> bf16) of 8 heads x 64K tokens."""
+    rows = []
+    batch, length = 1, 65536
+    x = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    for bits in BITS:
+        quantizer = quantizers[bits]
+        storage = random_quantized(quantizer, batch, length)
+        packed_bytes = sum(t.numel() * t.element_size() for t in storage.tensors())
+        dense_bytes = x.numel() * x.element_size()
+        for name, fn in (("encode", lambda: encode.encode_into_triton(x, quantizer, storage, 0)),
+                         ("dequantize", lambda: dequant.dequantize_into_triton(storage, quantizer, out))):
+            us = median_us(fn, calls=20)
+            moved = packed_bytes + dense_bytes
+            rows.append({"op": name, "bits": bits, "vectors": batch * KV_HEADS * length, "us": us, "bytes": moved,
+                         "percent_of_bandwidth": 100 * moved / (us * 1e-6) / bandwidth})
+    return rows
+
+
+def sweep_rows(quantizers: dict) -> list[dict]:
+    """TQ4 fused attention under alternative launch configs (BLOCK_N, num_warps, num_stages, waves) and
+    dot precisions (scores, values); the first row of each shape is the default."""
+    default_config = attention._attention_config
+    default_precision = attention.DOT_PRECISION["cuda"]
+    launches = [(32, 4, 2, 4), (32, 4, 1, 4), (32, 4, 3, 4), (16, 4, 2, 4), (64, 4, 2, 4), (64, 8, 2, 4),
+                (32, 8, 2, 4), (128, 8, 2, 4), (32, 4, 2, 1), (32, 4, 2, 2), (32, 4, 2, 8)]
+    precisions = [("fp16x3", "fp16x3"), ("fp16", "fp16"), ("tf32", "tf32"), ("tf32x3", "tf32")]
+    variants = [(launch, default_precision) for launch in launches]
+    variants += [(None, precision) for precision in precisions if precision != default_precision]
+    rows = []
+    quantizer = quantizers[4]
+    for batch, length in ((1, 131072), (8, 32768)):
+        query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        keys, values = random_quantized(quantizer, batch, length), random_quantized(quantizer, batch, length)
+        for launch, precision in variants:
+            def config(head_dim, query_rows, launch=launch):
+                chosen = default_config(head_dim, query_rows)
+                if launch is None:
+                    return chosen
+                block_n, warps, stages, waves = launch
+                return {**chosen, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "waves": waves}
+
+            attention._attention_config = config
+            attention.DOT_PRECISION["cuda"] = precision
+            chosen = config(HEAD_DIM, Q_HEADS // KV_HEADS)
+            try:
+                us = median_us(lambda: attention.decode_attention_triton(query, keys, values, quantizer, quantizer,
+                                                                         None, None, scale=HEAD_DIM**-0.5))
+            except Exception as error:  # a config that does not compile or fit is a result too
+                us = float("nan")
+                print(f"sweep {chosen} {precision}: {type(error).__name__}: {error}"[:300])
+            finally:
+                attention._attention_config = default_config
+                attention.DOT_PRECISION["cuda"] = default_precision
+            rows.append({"batch": batch, "length": length, "BLOCK_N": chosen["BLOCK_N"],
+                         "num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"],
+                         "waves": chosen["waves"], "precision": "/".join(precision), "us": us})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    quantizers = {bits: TurboQuantizer(HEAD_DIM, bits, device="cuda") for bits in BITS}
+    bandwidth = copy_bandwidth()
+
+    # Guard against timing a broken kernel: TQ4 fused vs the torch twin on a small random cache.
+    quantizer = quantizers[4]
+    query = torch.randn(1, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    keys, values = random_quantized(quantizer, 1, 1000), random_quantized(quantizer, 1, 1000)
+    call = (query, keys, values, quantizer, quantizer, None, None)
+    fused = attention.decode_attention_triton(*call, scale=HEAD_DIM**-0.5).float()
+    twin = attention.decode_attention_torch(*call, scale=HEAD_DIM**-0.5).float()
+    check_error = ((fused - twin).abs().max() / twin.abs().max()).item()
+    assert check_error < 1e-2, f"fused attention disagrees with the torch twin: {check_error:.2e}"
+
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "twin_check_relative_error": check_error,
+        "attention": attention_rows(bandwidth, quantizers),
+        "codec": codec_rows(bandwidth, quantizers),
+    }
+    if args.sweep:
+        results["sweep"] = sweep_rows(quantizers)
+
+    print(f"`{results['command']}` on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
+    print("| B | N | method | time (us) | memory floor (us) | floor / time | vs SDPA |")
+    print("|---|---|---|---|---|---|---|")
+    for row in results["attention"]:
+        print(f"| {row['batch']} | {row['length']} | {row['method']} | {row['us']:.1f} | {row['floor_us']:.1f} "
+              f"| {100 * row['floor_us'] / row['us']:.0f}% | {row['speedup_vs_sdpa']:.2f}x |")
+    print("\n| op | bits | vectors | time (us) | % of copy bandwidth |")
+    print("|---|---|---|---|---|")
+    for row in results["codec"]:
+        print(f"| {row['op']} | {row['bits']} | {row['vectors']} | {row['us']:.1f} | {row['percent_of_bandwidth']:.0f}% |")
+    if args.sweep:
+        print("\n| B | N | BLOCK_N | warps | stages | waves | scores/values dots | TQ4 time (us) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in results["sweep"]:
+            print(f"| {row['batch']} | {row['length']} | {row['BLOCK_N']} | {row['num_warps']} | {row['num_stages']} "
+                  f"| {row['waves']} | {row['precision']} | {row['us']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Triton kernels vs their torch twins vs a float64 reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter on tiny shapes. With CUDA the same small cases
+run compiled (marked gpu, so ``-m gpu`` selects them) next to GPU-scale cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+
+
+def _interpreter_possible() -> bool:
+    """Triton fixes interpreter-or-compiler for every @triton.jit function (its own tl.sum included) when
+    it is decorated: the interpreter works in this process only if triton loads after TRITON_INTERPRET=1."""
+    if "triton" not in sys.modules:
+        return True
+    import triton.language.standard
+
+    return type(triton.language.standard.sum).__name__ == "InterpretedFunction"
+
+
+# On CPU: the interpreter in this process when possible, else (triton already imported by an earlier
+# test module) the CPU cases rerun in a fresh interpreter process, see test_cpu_cases_in_subprocess.
+IN_PROCESS = ON_CUDA or _interpreter_possible()
+if not ON_CUDA and IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from turboquant_hf import QuantizedTensor, TurboQuantizer, backend, unpack  # noqa: E402
+
+encode_mod, dequant_mod, attention_mod, kernels = (
+    importlib.import_module(f"turboquant_hf.kernels{name}") for name in (".encode", ".dequant", ".decode_attention", "")
+)
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+# Small cases: the interpreter on CPU; compiled (and selected by -m gpu) on CUDA.
+if ON_CUDA:
+    small = pytest.mark.gpu
+elif IN_PROCESS:
+    small = lambda test: test  # noqa: E731
+else:
+    small = pytest.mark.skip(reason="triton was imported before TRITON_INTERPRET=1; run in a subprocess instead")
+needs_compiled_cuda = pytest.mark.skipif(not ON_CUDA or backend.triton_interpreting(),
+                                         reason="needs CUDA with compiled Triton")
+EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=_generator(seed)) * scale).to(DEVICE, dtype)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def _sentinel_storage(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int) -> QuantizedTensor:
+    """Storage whose every slot holds recognizable garbage, to see what a kernel writes."""
+    lead = (batch, heads, capacity)
+    packed = torch.full((*lead, quantizer.dim * quantizer.mse_bits // 8), 0xA5, dtype=torch.uint8, device=DEVICE)
+    norms = torch.full(lead, -1.0, device=DEVICE)
+    signs = residual_norms = None
+    if quantizer.qjl:
+        signs = torch.full((*lead, quantizer.dim // 8), 0x5A, dtype=torch.uint8, device=DEVICE)
+        residual_norms = torch.full(lead, -2.0, device=DEVICE)
+    return QuantizedTensor(packed, norms, signs, residual_norms, quantizer.dim, quantizer.mse_bits, torch.float32)
+
+
+def _clone(storage: QuantizedTensor) -> QuantizedTensor:
+    return storage._map(torch.clone)
+
+
+def _boundary_distance(x: torch.Tensor, quantizer: TurboQuantizer) -> torch.Tensor:
+    """Distance of each rotated unit coordinate (torch path, fp32) to its nearest codebook boundary."""
+    rotation, _, boundaries, _ = quantizer.state(x.device)
+    x32 = x.float()
+    norms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
+    rotated = rotation.rotate(x32 / torch.where(norms > 0, norms, torch.ones_like(norms)))
+    return (rotated.unsqueeze(-1) - boundaries).abs().amin(dim=-1)
+
+
+def _reference_attention(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
+                         scale, softcap=None, attention_mask=None) -> torch.Tensor:
+    """softmax(q . dequant(K)^T) . dequant(V) in float64, with causal/mask/softcap, GQA by repeat."""
+    dense_keys = key_quantizer.dequantize(keys, torch.float32).double()
+    dense_values = value_quantizer.dequantize(values, torch.float32).double()
+    if residual_keys is not None:
+        dense_keys = torch.cat([dense_keys, residual_keys.double()], dim=2)
+        dense_values = torch.cat([dense_values, residual_values.double()], dim=2)
+    group = query.shape[1] // dense_keys.shape[1]
+    dense_keys = dense_keys.repeat_interleave(group, dim=1)
+    dense_values = dense_values.repeat_interleave(group, dim=1)
+    scores = query.double() @ dense_keys.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    n_queries, kv_len = query.shape[2], dense_keys.shape[2]
+    positions = torch.arange(kv_len, device=query.device)
+    allowed = positions[None, :] <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_len]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ dense_values
+
+
+@pytest.mark.skipif(ON_CUDA or IN_PROCESS, reason="the CPU cases run in this process")
+def test_cpu_cases_in_subprocess():
+    """Rerun this file's CPU cases under a fresh interpreter process (TRITON_INTERPRET=1 from the start)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+    result = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- backend
+
+
+def test_backend_for(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "torch")
+    assert backend.backend_for(cpu) == "torch"
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="TURBOQUANT_BACKEND"):
+        backend.backend_for(cpu)
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "auto")
+    assert backend.backend_for(cpu) == "torch"
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.backend_for(cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        backend.backend_for(cpu)
+    if ON_CUDA:
+        monkeypatch.setenv("TURBOQUANT_BACKEND", "auto")
+        assert backend.backend_for(torch.device("cuda")) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+
+def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: torch.Tensor,
+                    quantizer: TurboQuantizer, start: int) -> None:
+    """Norms to 1e-6 relative; indices equal except (< 0.1% of them) within 1e-5/sqrt(D) of a boundary;
+    slots outside [start, start + n) untouched."""
+    stop = start + x.shape[2]
+    window = slice(start, stop)
+    for name in ("packed_indices", "norms"):
+        got, want = getattr(storage, name), getattr(reference, name)
+        assert torch.equal(got[:, :, :start], want[:, :, :start]) and torch.equal(got[:, :, stop:], want[:, :, stop:])
+    norms, expected_norms = storage.norms[:, :, window], reference.norms[:, :, window]
+    assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms).all()
+    got = unpack(storage.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
+    want = unpack(reference.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
+    mismatch = got != want
+    assert mismatch.float().mean().item() < 1e-3
+    if mismatch.any():
+        distances = _boundary_distance(x, quantizer)[mismatch]
+        assert (distances <= 1e-5 / math.sqrt(quantizer.dim)).all(), distances.max()
+
+
+@small
+@pytest.mark.parametrize(
+    "bits, dim, dtype, rotation",
+    [
+        (4, 128, torch.float32, "hadamard"),
+        (3, 128, torch.bfloat16, "hadamard"),
+        (2, 64, torch.float16, "hadamard"),
+        (3, 64, torch.float32, "dense"),
+        (1, 64, torch.float32, "hadamard"),
+        (8, 64, torch.bfloat16, "hadamard"),
+    ],
+)
+def test_encode_matches_torch(bits, dim, dtype, rotation):
+    quantizer = TurboQuantizer(dim, bits, rotation=rotation, seed=3)
+    x = _randn(2, 2, 37, dim, seed=bits * dim, dtype=dtype)
+    x[0, 1, 5] = 0  # a zero vector: norm 0, indices of y = 0
+    reference = _sentinel_storage(quantizer, 2, 2, 50)
+    storage = _clone(reference)
+    encode_mod.encode_into_torch(x, quantizer, reference, 6)
+    encode_mod.encode_into_triton(x, quantizer, storage, 6)
+    _check_encoding(storage, reference, x, quantizer, 6)
+
+
+def test_encode_rejects_overflow():
+    quantizer = TurboQuantizer(64, 4)
+    storage = _sentinel_storage(quantizer, 1, 1, 8)
+    with pytest.raises(ValueError, match="capacity"):
+        encode_mod.encode_into_triton(_randn(1, 1, 5, 64, seed=0), quantizer, storage, 4)
+
+
+# ----------------------------------------------------------------------------------------------- dequantize
+
+
+def _check_dequantized(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32: within 1e-5 of max |expected|; fp16/bf16: plus one ulp of the output dtype (the two fp32 values
+    may round to neighbours)."""
+    scale = expected.float().abs().max()
+    tolerance = 1e-5 * scale + 2 * EPS[out.dtype] * expected.float().abs()
+    assert ((out.float() - expected.float()).abs() <= tolerance).all()
+
+
+@small
+@pytest.mark.parametrize(
+    "bits, dim, dtype, rotation",
+    [
+        (4, 128, torch.float32, "hadamard"),
+        (3, 64, torch.bfloat16, "hadamard"),
+        (2, 128, torch.float16, "hadamard"),
+        (4, 64, torch.float32, "dense"),
+        (1, 64, torch.float32, "hadamard"),
+        (8, 64, torch.float32, "hadamard"),
+        (3, 128, torch.float32, "hadamard"),
+    ],
+)
+def test_dequantize_matches_torch(bits, dim, dtype, rotation):
+    quantizer = TurboQuantizer(dim, bits, rotation=rotation, seed=5)
+    storage = quantizer.quantize(_randn(2, 2, 40, dim, seed=bits + dim))
+    storage.norms[1, 0, 3] = 0  # a zero vector decodes to exact zeros
+    view = storage[:, :, :29]  # strided, like a cache's storage[:, :, :length]
+    out = torch.full((2, 2, 40, dim), float("nan"), dtype=dtype, device=DEVICE)[:, :, :29]
+    expected = torch.empty_like(out)
+    dequant_mod.dequantize_into_torch(view, quantizer, expected)
+    dequant_mod.dequantize_into_triton(view, quantizer, out)
+    _check_dequantized(out, expected)
+    assert (out[1, 0, 3] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass
+class AttentionCase:
+    batch: int
+    kv_heads: int
+    group: int
+    dim: int
+    compressed: int
+    n_queries: int
+    key_bits: int
+    value_bits: int
+    residual: int
+    dtype: torch.dtype = torch.float32
+    softcap: float | None = None
+    mask: str | None = None  # None, "bool" or "additive"
+    rotation: str = "hadamard"
+    query_scale: float = 1.0
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        extras = "".join(f"-{part}" for part in (self.mask, self.softcap and f"cap{self.softcap:g}",
+                                                 self.rotation != "hadamard" and self.rotation) if part)
+        return (f"B{self.batch}-H{self.kv_heads}x{self.group}-D{self.dim}-N{self.compressed}+{self.residual}"
+                f"-M{self.n_queries}-k{self.key_bits}v{self.value_bits}-{dtype}{extras}")
+
+    def build(self, seed: int = 0):
+        key_quantizer = TurboQuantizer(self.dim, self.key_bits, rotation=self.rotation, seed=seed + 1)
+        value_quantizer = TurboQuantizer(self.dim, self.value_bits, rotation=self.rotation, seed=seed + 2)
+        lead = (self.batch, self.kv_heads)
+        keys = key_quantizer.quantize(_randn(*lead, self.compressed, self.dim, seed=seed + 3))
+        values = value_quantizer.quantize(_randn(*lead, self.compressed, self.dim, seed=seed + 4))
+        query = _randn(self.batch, self.kv_heads * self.group, self.n_queries, self.dim, seed=seed + 5,
+                       dtype=self.dtype, scale=self.query_scale)
+        residual_keys = residual_values = None
+        if self.residual:
+            residual_keys = _randn(*lead, self.residual, self.dim, seed=seed + 6, dtype=self.dtype)
+            residual_values = _randn(*lead, self.residual, self.dim, seed=seed + 7, dtype=self.dtype)
+        kv_len = self.compressed + self.residual
+        attention_mask = None
+        if self.mask is not None:
+            # Left padding of batch row 0 (the first 7 positions), plus a longer-than-needed mask.
+            allowed = torch.ones(self.batch, 1, self.n_queries, kv_len + 3, dtype=torch.bool, device=DEVICE)
+            allowed[0, :, :, :7] = False
+            attention_mask = allowed
+            if self.mask == "additive":
+                attention_mask = torch.zeros(allowed.shape, dtype=self.dtype, device=DEVICE)
+                attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+                attention_mask[..., 9] -= 1.5  # a soft bias too
+        args = (query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values)
+        kwargs = {"scale": self.dim**-0.5, "softcap": self.softcap, "attention_mask": attention_mask}
+        return args, kwargs
+
+
+SMALL_CASES = [
+    # batch, kv_heads, group, dim, compressed, M, key bits, value bits, residual, ...
+    AttentionCase(1, 1, 2, 64, 300, 1, 4, 4, 5),
+    AttentionCase(2, 2, 4, 128, 200, 3, 3, 2, 8, torch.bfloat16, softcap=30.0, mask="bool"),
+    AttentionCase(1, 2, 2, 64, 100, 3, 2, 3, 0, torch.float16, mask="additive"),
+    AttentionCase(2, 1, 4, 128, 70, 1, 4, 4, 16, torch.float32, mask="bool", query_scale=4.0),
+    AttentionCase(1, 2, 4, 64, 0, 3, 4, 4, 9, torch.bfloat16),  # residual window only
+    AttentionCase(1, 1, 4, 64, 90, 1, 2, 4, 3, torch.float32, softcap=5.0, rotation="dense"),
+    AttentionCase(1, 1, 8, 64, 40, 3, 3, 3, 3, torch.float32),  # 24 query rows: BLOCK_R 32
+    AttentionCase(1, 2, 4, 128, 130, 3, 4, 4, 6, torch.float16, softcap=20.0, mask="additive"),
+]
+
+
+@small
+@pytest.mark.parametrize("case", SMALL_CASES, ids=str)
+def test_decode_attention_matches_torch_and_float64(case):
+    args, kwargs = case.build()
+    out = attention_mod.decode_attention_triton(*args, **kwargs)
+    twin = attention_mod.decode_attention_torch(*args, **kwargs)
+    reference = _reference_attention(*args, **kwargs)
+    assert out.shape == twin.shape == args[0].shape and out.dtype == args[0].dtype
+    eps = EPS[case.dtype]
+    # Against the twin: fp32 rounding, plus at most one rounding step of a half-precision output.
+    assert ((out.float() - twin.float()).abs() <= 1e-5 + 2 * eps * twin.float().abs()).all()
+    # Against float64: 1e-3 relative (fp32 math), plus the output dtype's rounding.
+    assert _relative_error(out, reference) <= 1e-3 + eps
+
+
+@small
+@pytest.mark.parametrize("precision, tolerance", [(("fp16x3", "fp16"), 1e-3), (("tf32", "tf32"), 2e-3),
+                                                  (("fp16x3", "fp16x3"), 1e-5)])
+def test_decode_attention_reduced_precision_dots(monkeypatch, precision, tolerance):
+    """The tensor-core precisions of CUDA: on CPU the interpreter emulates their operand roundings."""
+    monkeypatch.setitem(attention_mod.DOT_PRECISION, DEVICE.type, precision)
+    for case in (SMALL_CASES[0], SMALL_CASES[3]):
+        args, kwargs = case.build(seed=10)
+        out = attention_mod.decode_attention_triton(*args, **kwargs)
+        assert _relative_error(out, _reference_attention(*args, **kwargs)) <= tolerance
+
+
+@small
+def test_decode_attention_fully_masked_row_is_zero():
+    case = AttentionCase(2, 1, 2, 64, 50, 1, 4, 4, 2)
+    args, kwargs = case.build()
+    mask = torch.ones(2, 1, 1, 52, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    kwargs["attention_mask"] = mask
+    out = attention_mod.decode_attention_triton(*args, **kwargs)
+    twin = attention_mod.decode_attention_torch(*args, **kwargs)
+    assert (out[1] == 0).all() and (twin[1] == 0).all()
+    assert torch.allclose(out, twin, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+
+@small
+def test_dispatchers_follow_the_backend(monkeypatch):
+    case = AttentionCase(1, 1, 2, 64, 40, 1, 4, 4, 2)
+    args, kwargs = case.build()
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "torch")
+    torch_out = kernels.decode_attention(*args, **kwargs)
+    assert torch.equal(torch_out, attention_mod.decode_attention_torch(*args, **kwargs))
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "triton")
+    assert torch.equal(kernels.decode_attention(*args, **kwargs), attention_mod.decode_attention_triton(*args, **kwargs))
+    quantizer = args[3]
+    x = _randn(1, 1, 4, 64, seed=1)
+    storage = _sentinel_storage(quantizer, 1, 1, 4)
+    kernels.encode_into(x, quantizer, storage, 0)
+    out = torch.empty(1, 1, 4, 64, device=DEVICE)
+    kernels.dequantize_into(storage, quantizer, out)
+    assert _relative_error(out, quantizer.dequantize(quantizer.quantize(x))) < 1e-5
+
+
+@small
+def test_qjl_uses_the_torch_twin_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "_warned", set())
+    quantizer = TurboQuantizer(64, 3, qjl=True, seed=7)
+    x = _randn(1, 2, 5, 64, seed=8)
+    storage, reference = _sentinel_storage(quantizer, 1, 2, 9), _sentinel_storage(quantizer, 1, 2, 9)
+    with caplog.at_level(logging.WARNING, logger="turboquant_hf"):
+        encode_mod.encode_into_triton(x, quantizer, storage, 2)
+        encode_mod.encode_into_triton(x, quantizer, storage, 2)
+    encode_mod.encode_into_torch(x, quantizer, reference, 2)
+    assert all(torch.equal(a, b) for a, b in zip(storage.tensors(), reference.tensors()))
+    assert sum("QJL" in record.getMessage() for record in caplog.records) == 1
+    out, expected = torch.empty(1, 2, 9, 64, device=DEVICE), torch.empty(1, 2, 9, 64, device=DEVICE)
+    dequant_mod.dequantize_into_triton(storage, quantizer, out)
+    dequant_mod.dequantize_into_torch(storage, quantizer, expected)
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------- GPU scale
+
+
+@pytest.mark.gpu
+@needs_compiled_cuda
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gpu_encode_and_dequantize(dim, bits):
+    quantizer = TurboQuantizer(dim, bits, seed=11)
+    x = _randn(2, 8, 4099, dim, seed=dim + bits, dtype=torch.bfloat16)
+    reference = _sentinel_storage(quantizer, 2, 8, 5000)
+    storage = _clone(reference)
+    encode_mod.encode_into_torch(x, quantizer, reference, 17)
+    encode_mod.encode_into_triton(x, quantizer, storage, 17)
+    _check_encoding(storage, reference, x, quantizer, 17)
+    view = reference[:, :, :4116]
+    for dtype in (torch.float32, torch.bfloat16):
+        out, expected = (torch.empty(2, 8, 4116, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+        dequant_mod.dequantize_into_torch(view, quantizer, expected)
+        dequant_mod.dequantize_into_triton(view, quantizer, out)
+        _check_dequantized(out, expected)
+
+
+GPU_CASES = [
+    AttentionCase(1, 8, 4, 128, 131072 - 128, 1, 4, 4, 128, torch.bfloat16, query_scale=3.0),
+    AttentionCase(1, 8, 8, 128, 32768, 1, 3, 3, 64, torch.float16, query_scale=3.0),
+    AttentionCase(16, 8, 4, 128, 4096, 1, 4, 2, 32, torch.bfloat16, mask="bool"),
+    AttentionCase(4, 4, 8, 64, 8192, 3, 2, 2, 16, torch.bfloat16, softcap=50.0, query_scale=3.0),
+    AttentionCase(2, 4, 4, 256, 16384, 1, 4, 4, 128, torch.bfloat16, softcap=30.0, query_scale=3.0),
+    AttentionCase(8, 8, 4, 128, 2000, 4, 4, 4, 4, torch.float16, mask="additive"),
+    AttentionCase(1, 2, 8, 256, 131072, 1, 3, 4, 0, torch.bfloat16, query_scale=3.0),
+]
+
+
+@pytest.mark.gpu
+@needs_compiled_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_decode_attention(case):
+    args, kwargs = case.build(seed=20)
+    out = attention_mod.decode_attention_triton(*args, **kwargs)
+    twin = attention_mod.decode_attention_torch(*args, **kwargs)
+    eps = EPS[case.dtype]
+    assert _relative_error(out, twin) <= 2e-3 + 2 * eps
+    # fp32 queries and residual against float64: the default precisions, then the fp32-accurate ones.
+    fp32_case = dataclasses.replace(case, dtype=torch.float32)
+    args, kwargs = fp32_case.build(seed=20)
+    reference = _reference_attention(*args, **kwargs)
+    assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-3
+    for precision in (("fp16x3", "fp16x3"), ("ieee", "ieee")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(attention_mod.DOT_PRECISION, "cuda", precision)
+            assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-4

@@ -1,0 +1,527 @@
+"""Attention of a few new query tokens over a compressed KV cache: fused Triton kernel + torch twin.
+
+Layout of the Triton path (three launches, no host sync):
+
+1. ``_rotate_query_kernel``: q_rot = q R^T once per call (fp32), in the key rotation's basis.
+2. ``_split_kernel``, grid (splits + 1, batch * kv_heads, row blocks). Splits 0..splits-1 each take a
+   slice of the compressed past; a program owns one kv head and all ``group * M`` query rows that read it
+   (GQA without repeating K/V), so the packed K/V (D * bits / 8 + 4 bytes per vector) is read once.
+   It scores keys in the rotated domain (norm_k * <q_rot, c[idx_k]>), runs an online softmax in fp32
+   and accumulates norm_v * c[idx_v] in the value rotation's basis. The last split attends over the
+   dense residual window (model basis). Each writes an unnormalized partial with its row max and sum.
+3. ``_merge_kernel``: log-sum-exp merge of the partials, one matmul with R back to the model basis, the
+   residual partial added, (B, Hq, M, D) written in the query dtype.
+
+Numerics: softmax statistics and accumulators are fp32; the rotations run once per call in IEEE fp32.
+The per-token dots run on tensor cores (DOT_PRECISION, per device type). CUDA default: scores in
+"fp16x3" (query and keys split into fp16 hi + lo, three MMAs: fp32-level accuracy, needed because
+score errors are multiplied by the logit range), values in "fp16" (weights and centroids rounded to
+nearest fp16: ~2^-12 relative, measured ~3e-4 on outputs vs float64, 4x below the bf16 rounding of the
+K/V that dense attention reads). ("fp16x3", "fp16x3") gives ~1e-6 for about 1.5x the tensor work. The
+fp16 modes need |q * scale|, |residual K/V| and |p * norm_v| < 65504. The interpreter computes in fp32
+("ieee") unless DOT_PRECISION["cpu"] is set, in which case it emulates the same roundings.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
+    from types import SimpleNamespace
+
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+
+from ..backend import backend_for, warn_once
+from ..quantizer import QuantizedTensor, TurboQuantizer
+from .dequant import centroid_tile, codebook_on
+from .encode import rotation_matrices, triton_unsupported
+
+# Per-token dot precisions (q.k scores, p.v values) by device type; see _dot and the module docstring.
+DOT_PRECISION = {"cuda": ("fp16x3", "fp16")}
+_MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
+_MIN_SPLIT_TOKENS = 256
+
+
+@triton.jit
+def _round_to_tf32(x, ENABLED: tl.constexpr):
+    """Round fp32 to the nearest tf32 (tensor cores would otherwise truncate the low 13 bits)."""
+    if ENABLED:
+        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for fp32 a (M, K) and b (K, N), accumulated in fp32.
+
+    PRECISION: a tl.dot input_precision ("ieee", "tf32", "tf32x3"), "fp16" (one fp16 MMA, operands
+    rounded to nearest) or "fp16x3" (both operands split into fp16 hi + lo, three fp16 MMAs: about fp32
+    accuracy at 1.5x the tensor time of one tf32 MMA). The fp16 modes need |operands| < 65504.
+    """
+    if PRECISION == "fp16x3":
+        a_hi = a.to(tl.float16)
+        b_hi = b.to(tl.float16)
+        acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), acc)
+        acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    elif PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _masked_logits(
+    scores, kv_pos, kv_valid, query_pos, row_valid, mask_rows, stride_mask_n, softcap,
+    USE_SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+):
+    """scores (R, N) fp32 (already scaled) -> softcapped, causal- and mask-applied logits (-inf = skip)."""
+    if USE_SOFTCAP:
+        # softcap * tanh(s / softcap), with tanh(t) = 1 - 2 / (exp(2t) + 1) (saturates cleanly at +-1).
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    allowed = kv_valid[None, :] & (kv_pos[None, :] <= query_pos[:, None]) & row_valid[:, None]
+    if MASK_KIND == 1:
+        mask = tl.load(mask_rows[:, None] + kv_pos[None, :] * stride_mask_n, mask=allowed, other=0)
+        allowed = allowed & (mask != 0)
+    if MASK_KIND == 2:
+        mask = tl.load(mask_rows[:, None] + kv_pos[None, :] * stride_mask_n, mask=allowed, other=0.0)
+        scores = scores + mask.to(tl.float32)
+    return tl.where(allowed, scores, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(logits, row_max, row_sum, acc):
+    """One online-softmax step: returns weights p (R, N), the new max and sum, acc rescaled."""
+    new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+    # Rows that have attended to nothing yet keep max -inf; subtract 0 there so exp gives 0, not NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(row_max - safe_max)
+    weights = tl.exp(logits - safe_max[:, None])
+    row_sum = row_sum * alpha + tl.sum(weights, axis=1)
+    return weights, new_max, row_sum, acc * alpha[:, None]
+
+
+@triton.jit
+def _matmul_columns(a_rows, stride_a, b_ptr, col0, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Columns col0..col0+BLOCK_K of a @ b in IEEE fp32: a (BLOCK_R, HEAD_DIM) given by row pointers with
+    element stride stride_a, b (HEAD_DIM, HEAD_DIM) fp32 contiguous. BLOCK_K x BLOCK_K tiles keep the
+    FMA dot within registers at HEAD_DIM=256."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    for k0 in range(0, HEAD_DIM, BLOCK_K):
+        a = tl.load(a_rows[:, None] + (k0 + ks)[None, :] * stride_a).to(tl.float32)
+        b = tl.load(b_ptr + (k0 + ks)[:, None] * HEAD_DIM + (col0 + ks)[None, :])
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _rotate_query_kernel(
+    query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
+    rot_t_ptr, q_rot_ptr,
+    kv_heads, group, n_queries, padded_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """q_rot[b * kv_heads + h, r] = q[b, h * group + r // M, r % M] @ R^T (fp32); padding rows read row 0."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h = (pid_bh % kv_heads).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Padding rows (r >= group * M) alias a real row: their results are never stored to the output.
+    real_rows = tl.where(rows < group * n_queries, rows, 0)
+    q_rows = (query_ptr + b * stride_qb + (h * group + real_rows // n_queries) * stride_qh
+              + (real_rows % n_queries) * stride_qm)
+    out_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
+    ks = tl.arange(0, BLOCK_K)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
+        q_rot = _matmul_columns(q_rows, stride_qd, rot_t_ptr, col0, BLOCK_R, HEAD_DIM, BLOCK_K)
+        tl.store(out_rows[:, None] + (col0 + ks)[None, :], q_rot)
+
+
+@triton.jit
+def _split_kernel(
+    query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
+    q_rot_ptr,
+    k_packed_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpbyte,
+    k_norms_ptr, stride_knb, stride_knh, stride_knn,
+    v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
+    v_norms_ptr, stride_vnb, stride_vnh, stride_vnn,
+    k_codebook_ptr, v_codebook_ptr,
+    rk_ptr, stride_rkb, stride_rkh, stride_rkn, stride_rkd,
+    rv_ptr, stride_rvb, stride_rvh, stride_rvn, stride_rvd,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    part_out_ptr, part_max_ptr, part_sum_ptr,
+    kv_heads, group, n_queries, compressed_len, residual_len, num_splits, split_len, padded_rows,
+    scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+):
+    """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
+
+    Splits < num_splits cover compressed tokens [split * split_len, ...) in the rotated domain (partial
+    output in the value rotation's basis); split == num_splits covers the dense residual window (model
+    basis). Partials: (batch * kv_heads, num_splits + 1, padded_rows, HEAD_DIM) fp32.
+    """
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h = (pid_bh % kv_heads).to(tl.int64)
+    rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < group * n_queries
+    query_token = rows % n_queries
+    query_head = h * group + rows // n_queries
+    query_pos = compressed_len + residual_len - n_queries + query_token
+    dims = tl.arange(0, HEAD_DIM)
+    mask_rows = mask_ptr + b * stride_mb + query_head * stride_mh + query_token * stride_mm
+    kv_offsets = tl.arange(0, BLOCK_N)
+    row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
+    slot_rows = (pid_bh.to(tl.int64) * (num_splits + 1) + split) * padded_rows + rows
+
+    if split < num_splits:
+        q_rot = tl.load(q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows)[:, None] * HEAD_DIM + dims[None, :])
+        q_rot = _round_to_tf32(q_rot * scale, QK_PRECISION == "tf32")
+        k_rows = k_packed_ptr + b * stride_kpb + h * stride_kph
+        v_rows = v_packed_ptr + b * stride_vpb + h * stride_vph
+        k_norms = k_norms_ptr + b * stride_knb + h * stride_knh
+        v_norms = v_norms_ptr + b * stride_vnb + h * stride_vnh
+        start = split * split_len
+        stop = tl.minimum(start + split_len, compressed_len)
+        for n0 in range(start, stop, BLOCK_N):
+            kv_pos = n0 + kv_offsets
+            kv_valid = kv_pos < stop
+            kv_pos64 = kv_pos.to(tl.int64)
+            keys = centroid_tile(k_rows + kv_pos64 * stride_kpn, kv_valid, stride_kpbyte, k_codebook_ptr, K_BITS,
+                                 HEAD_DIM)
+            key_norms = tl.load(k_norms + kv_pos64 * stride_knn, mask=kv_valid, other=0.0)
+            scores = _dot(q_rot, tl.trans(keys), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), QK_PRECISION)
+            scores = scores * key_norms[None, :]
+            logits = _masked_logits(scores, kv_pos, kv_valid, query_pos, row_valid, mask_rows, stride_mn, softcap,
+                                    USE_SOFTCAP, MASK_KIND)
+            weights, row_max, row_sum, acc = _softmax_step(logits, row_max, row_sum, acc)
+            values = centroid_tile(v_rows + kv_pos64 * stride_vpn, kv_valid, stride_vpbyte, v_codebook_ptr, V_BITS,
+                                   HEAD_DIM)
+            value_norms = tl.load(v_norms + kv_pos64 * stride_vnn, mask=kv_valid, other=0.0)
+            weighted = _round_to_tf32(weights * value_norms[None, :], PV_PRECISION == "tf32")
+            acc = _dot(weighted, values, acc, PV_PRECISION)
+    else:
+        if HAS_RESIDUAL:
+            q_rows = query_ptr + b * stride_qb + query_head * stride_qh + query_token * stride_qm
+            q = tl.load(q_rows[:, None] + dims[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
+            q = _round_to_tf32(q.to(tl.float32) * scale, QK_PRECISION == "tf32")
+            rk_rows = rk_ptr + b * stride_rkb + h * stride_rkh
+            rv_rows = rv_ptr + b * stride_rvb + h * stride_rvh
+            for n0 in range(0, residual_len, BLOCK_N):
+                offsets = n0 + kv_offsets
+                kv_valid = offsets < residual_len
+                offsets64 = offsets.to(tl.int64)
+                keys = tl.load(rk_rows + offsets64[:, None] * stride_rkn + dims[None, :] * stride_rkd,
+                               mask=kv_valid[:, None], other=0.0)
+                keys = _round_to_tf32(keys.to(tl.float32), QK_PRECISION == "tf32")
+                scores = _dot(q, tl.trans(keys), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), QK_PRECISION)
+                logits = _masked_logits(scores, compressed_len + offsets, kv_valid, query_pos, row_valid, mask_rows,
+                                        stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
+                weights, row_max, row_sum, acc = _softmax_step(logits, row_max, row_sum, acc)
+                values = tl.load(rv_rows + offsets64[:, None] * stride_rvn + dims[None, :] * stride_rvd,
+                                 mask=kv_valid[:, None], other=0.0)
+                values = _round_to_tf32(values.to(tl.float32), PV_PRECISION == "tf32")
+                weights = _round_to_tf32(weights, PV_PRECISION == "tf32")
+                acc = _dot(weights, values, acc, PV_PRECISION)
+    # Padding rows (r >= group * M) are never stored nor read back: partial traffic scales with real rows.
+    tl.store(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_valid[:, None])
+    tl.store(part_max_ptr + slot_rows, row_max, mask=row_valid)
+    tl.store(part_sum_ptr + slot_rows, row_sum, mask=row_valid)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr, part_max_ptr, part_sum_ptr, merged_ptr, rot_ptr,
+    out_ptr, stride_ob, stride_oh, stride_om, stride_od,
+    kv_heads, group, n_queries, num_splits, padded_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Log-sum-exp merge of the partials of one (batch * kv head, row block), then out = merged @ R + residual."""
+    pid_bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < group * n_queries
+    dims = tl.arange(0, HEAD_DIM)
+    first_slot = pid_bh.to(tl.int64) * (num_splits + 1)
+    row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(num_splits + 1):
+        slot_max = tl.load(part_max_ptr + (first_slot + s) * padded_rows + rows, mask=row_valid, other=float("-inf"))
+        row_max = tl.maximum(row_max, slot_max)
+    # Rows that attended to nothing keep max -inf: subtract 0 there so exp gives 0, not NaN.
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = tl.zeros((BLOCK_R,), tl.float32)
+    merged = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
+    for s in range(num_splits):
+        slot_rows = (first_slot + s) * padded_rows + rows
+        weight = tl.exp(tl.load(part_max_ptr + slot_rows, mask=row_valid, other=float("-inf")) - safe_max)
+        row_sum += weight * tl.load(part_sum_ptr + slot_rows, mask=row_valid, other=0.0)
+        slot_out = tl.load(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_valid[:, None],
+                           other=0.0)
+        merged += weight[:, None] * slot_out
+    residual_rows = (first_slot + num_splits) * padded_rows + rows
+    residual_weight = tl.exp(tl.load(part_max_ptr + residual_rows, mask=row_valid, other=float("-inf")) - safe_max)
+    row_sum += residual_weight * tl.load(part_sum_ptr + residual_rows, mask=row_valid, other=0.0)
+    # A row that attended to nothing (every key masked) has sum 0 and gives 0, like the torch twin.
+    inverse_sum = 1.0 / tl.where(row_sum > 0, row_sum, 1.0)
+    # merged @ R in small tiles: stage merged through global scratch (L2) since registers cannot be sliced.
+    merged_rows = merged_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
+    tl.store(merged_rows[:, None] + dims[None, :], merged)
+    tl.debug_barrier()
+
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h = (pid_bh % kv_heads).to(tl.int64)
+    out_rows = out_ptr + b * stride_ob + (h * group + rows // n_queries) * stride_oh + (rows % n_queries) * stride_om
+    ks = tl.arange(0, BLOCK_K)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
+        out = _matmul_columns(merged_rows, 1, rot_ptr, col0, BLOCK_R, HEAD_DIM, BLOCK_K)
+        residual = tl.load(part_out_ptr + residual_rows[:, None] * HEAD_DIM + (col0 + ks)[None, :],
+                           mask=row_valid[:, None], other=0.0)
+        out = (out + residual_weight[:, None] * residual) * inverse_sum[:, None]
+        tl.store(out_rows[:, None] + (col0 + ks)[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None])
+
+
+def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask):
+    if query.dim() != 4:
+        raise ValueError(f"query must be (batch, q_heads, M, head_dim), got shape {tuple(query.shape)}")
+    key_quantizer._check_quantized(keys)
+    value_quantizer._check_quantized(values)
+    batch, q_heads, n_queries, dim = query.shape
+    if keys.norms.dim() != 3 or tuple(values.norms.shape) != tuple(keys.norms.shape):
+        raise ValueError(f"keys and values must share a (batch, kv_heads, n) leading shape, got "
+                         f"{tuple(keys.norms.shape)} and {tuple(values.norms.shape)}")
+    kv_heads = keys.norms.shape[1]
+    if keys.norms.shape[0] != batch or q_heads % kv_heads or key_quantizer.dim != dim or value_quantizer.dim != dim:
+        raise ValueError(f"query {tuple(query.shape)} does not fit keys of leading shape {tuple(keys.norms.shape)} "
+                         f"with head_dim {key_quantizer.dim} (q_heads must be a multiple of kv_heads)")
+    if (residual_keys is None) != (residual_values is None):
+        raise ValueError("residual_keys and residual_values must both be tensors or both be None")
+    if residual_keys is not None:
+        expected = (batch, kv_heads, residual_keys.shape[2], dim)
+        if tuple(residual_keys.shape) != expected or tuple(residual_values.shape) != expected:
+            raise ValueError(f"residual_keys/values must be (batch, kv_heads, R, head_dim) = {expected}, got "
+                             f"{tuple(residual_keys.shape)} and {tuple(residual_values.shape)}")
+    kv_len = keys.norms.shape[2] + (0 if residual_keys is None else residual_keys.shape[2])
+    if kv_len < n_queries:
+        raise ValueError(f"the kv length ({kv_len}) must include the M={n_queries} query tokens")
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.shape[-1] < kv_len or attention_mask.shape[-2] != n_queries:
+            raise ValueError(f"attention_mask must be (batch, 1, M={n_queries}, >= kv length {kv_len}), got "
+                             f"{tuple(attention_mask.shape)}")
+
+
+def _prepare_mask(attention_mask: torch.Tensor, batch: int, q_heads: int, n_queries: int, kv_len: int):
+    """(B|1, 1|Hq, M, >=L) bool or additive float -> (B, Hq, M, L) view; bool read as uint8."""
+    mask = attention_mask[..., :kv_len]
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask.expand(batch, q_heads, n_queries, kv_len)
+
+
+def decode_attention_torch(
+    query: torch.Tensor,
+    keys: QuantizedTensor,
+    values: QuantizedTensor,
+    key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer,
+    residual_keys: torch.Tensor | None,
+    residual_values: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of M new query tokens over compressed + dense keys/values (torch reference).
+
+    query: (batch, q_heads, M, head_dim) fp16/bf16/fp32; keys, values: QuantizedTensor with leading shape
+    (batch, kv_heads, Nc), the compressed past, oldest first; residual_keys, residual_values:
+    (batch, kv_heads, R, head_dim) model dtype or None, the dense window that ends with the M query tokens.
+    With L = Nc + R, query token i sits at position L - M + i and attends to positions <= L - M + i.
+    q_heads = group * kv_heads; query head h reads kv head h // group. softcap: scores become
+    softcap * tanh(scores / softcap) before masking. attention_mask: (batch, 1, M, >= L) bool (True =
+    attend) or additive float, on top of the causal mask. A row with no attended key gives zeros.
+    Returns (batch, q_heads, M, head_dim) in query.dtype; math in fp32.
+    """
+    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
+    batch, q_heads, n_queries, dim = query.shape
+    dense_keys = key_quantizer.dequantize(keys, torch.float32)
+    dense_values = value_quantizer.dequantize(values, torch.float32)
+    if residual_keys is not None:
+        dense_keys = torch.cat([dense_keys, residual_keys.float()], dim=2)
+        dense_values = torch.cat([dense_values, residual_values.float()], dim=2)
+    kv_heads, kv_len = dense_keys.shape[1], dense_keys.shape[2]
+    group = q_heads // kv_heads
+    # (B, Hkv, group * M, D): the query heads of one kv head are contiguous, so no K/V repeat is needed.
+    grouped_query = query.float().reshape(batch, kv_heads, group * n_queries, dim)
+    scores = (grouped_query @ dense_keys.transpose(-1, -2) * scale).reshape(batch, q_heads, n_queries, kv_len)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    positions = torch.arange(kv_len, device=query.device)
+    query_positions = kv_len - n_queries + torch.arange(n_queries, device=query.device)
+    scores = scores.masked_fill(positions[None, :] > query_positions[:, None], float("-inf"))
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_len]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = torch.softmax(scores, dim=-1)
+    weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    out = weights.reshape(batch, kv_heads, group * n_queries, kv_len) @ dense_values
+    return out.reshape(batch, q_heads, n_queries, dim).to(query.dtype)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a few splits, enough to exercise the merge
+
+
+def _attention_config(head_dim: int, rows: int) -> dict:
+    """Launch shape from head_dim and query rows per kv head (group * M).
+
+    BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton 3.9 fails to lay out
+    the gathered operand for wgmma); BLOCK_N tokens per step. Sized with ptxas for sm_90 (no spills,
+    ~100 registers, 43-86 KiB shared); "waves" is programs per SM that the split count aims for.
+    benchmarks/bench_attention.py --sweep times alternatives.
+    """
+    block_r = max(16, min(triton.next_power_of_2(rows), 32))
+    wide = head_dim > 128 or block_r > 16
+    return {"BLOCK_R": block_r, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 2, "waves": 4}
+
+
+def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split): about ``waves`` programs per SM, at least _MIN_SPLIT_TOKENS per split."""
+    if compressed_len == 0:
+        return 0, block_n
+    wanted = triton.cdiv(waves * _sm_count(device), programs)
+    splits = max(1, min(wanted, triton.cdiv(compressed_len, _MIN_SPLIT_TOKENS)))
+    split_len = triton.cdiv(triton.cdiv(compressed_len, splits), block_n) * block_n
+    return triton.cdiv(compressed_len, split_len), split_len
+
+
+def decode_attention_triton(
+    query: torch.Tensor,
+    keys: QuantizedTensor,
+    values: QuantizedTensor,
+    key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer,
+    residual_keys: torch.Tensor | None,
+    residual_values: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence).
+
+    QJL keys or values and head dims that are not a power of two >= 16 use the torch twin.
+    """
+    reason = triton_unsupported(key_quantizer) or triton_unsupported(value_quantizer)
+    if reason is not None:
+        warn_once(f"turboquant_hf: Triton decode attention does not support {reason}; using the torch path")
+        return decode_attention_torch(query, keys, values, key_quantizer, value_quantizer, residual_keys,
+                                      residual_values, scale=scale, softcap=softcap, attention_mask=attention_mask)
+    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
+    batch, q_heads, n_queries, dim = query.shape
+    device = query.device
+    kv_heads, compressed_len = keys.norms.shape[1], keys.norms.shape[2]
+    residual_len = 0 if residual_keys is None else residual_keys.shape[2]
+    group = q_heads // kv_heads
+    rows = group * n_queries
+    config = _attention_config(dim, rows)
+    block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
+    row_blocks = triton.cdiv(rows, block_r)
+    padded_rows = row_blocks * block_r
+    splits, split_len = _num_splits(compressed_len, batch * kv_heads * row_blocks, block_n, config["waves"], device)
+    slots = splits + 1  # the last slot holds the residual window (all -inf/0 without one)
+
+    qk_precision, pv_precision = DOT_PRECISION.get(device.type, ("ieee", "ieee"))
+    # Queries meet keys in the key basis; the output leaves the value basis (the two may differ).
+    rot_t = rotation_matrices(key_quantizer, device)[1]
+    rot = rotation_matrices(value_quantizer, device)[0]
+    # Tensor cores truncate fp32 operands to tf32: hand them round-to-nearest codebooks instead.
+    key_codebook = codebook_on(key_quantizer, device, tf32=qk_precision == "tf32")
+    value_codebook = codebook_on(value_quantizer, device, tf32=pv_precision == "tf32")
+    part_out = torch.empty((batch * kv_heads, slots, padded_rows, dim), device=device, dtype=torch.float32)
+    part_max = torch.empty((batch * kv_heads, slots, padded_rows), device=device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    out = torch.empty_like(query)
+
+    if attention_mask is None:
+        mask_kind, mask, mask_strides = _MASK_NONE, query, (0, 0, 0, 0)
+    else:
+        mask = _prepare_mask(attention_mask, batch, q_heads, n_queries, compressed_len + residual_len)
+        mask_kind = _MASK_BOOL if mask.dtype == torch.uint8 else _MASK_ADDITIVE
+        mask_strides = mask.stride()
+    if residual_keys is None:
+        residual_keys = residual_values = query
+        rk_strides = rv_strides = (0, 0, 0, 0)
+    else:
+        rk_strides, rv_strides = residual_keys.stride(), residual_values.stride()
+
+    # Row scratch: the rotated queries, then (reused after the split kernel) the merged rotated outputs.
+    row_scratch = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
+    _rotate_query_kernel[(batch * kv_heads, row_blocks)](
+        query, *query.stride(),
+        rot_t, row_scratch,
+        kv_heads, group, n_queries, padded_rows,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_K=min(32, dim),
+        num_warps=4,
+    )
+    _split_kernel[(slots, batch * kv_heads, row_blocks)](
+        query, *query.stride(),
+        row_scratch,
+        keys.packed_indices, *keys.packed_indices.stride(),
+        keys.norms, *keys.norms.stride(),
+        values.packed_indices, *values.packed_indices.stride(),
+        values.norms, *values.norms.stride(),
+        key_codebook, value_codebook,
+        residual_keys, *rk_strides,
+        residual_values, *rv_strides,
+        mask, *mask_strides,
+        part_out, part_max, part_sum,
+        kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
+        float(scale), float(softcap) if softcap is not None else 1.0,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n,
+        K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits, HAS_RESIDUAL=residual_len > 0,
+        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, QK_PRECISION=qk_precision, PV_PRECISION=pv_precision,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    _merge_kernel[(batch * kv_heads, row_blocks)](
+        part_out, part_max, part_sum, row_scratch, rot,
+        out, *out.stride(),
+        kv_heads, group, n_queries, splits, padded_rows,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_K=min(32, dim),
+        num_warps=4,
+    )
+    return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: QuantizedTensor,
+    values: QuantizedTensor,
+    key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer,
+    residual_keys: torch.Tensor | None,
+    residual_values: torch.Tensor | None,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention over a compressed cache with the backend for query.device (see decode_attention_torch)."""
+    run = decode_attention_triton if backend_for(query.device) == "triton" else decode_attention_torch
+    return run(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
+               scale=scale, softcap=softcap, attention_mask=attention_mask)

@@ -1,0 +1,171 @@
+"""Encode (B, H, n, D) vectors into preallocated QuantizedTensor storage: Triton kernel + torch twin.
+
+The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm, rotation as a matmul with R^T (fp32, IEEE, so
+it differs from the torch fast Walsh-Hadamard only by fp32 rounding), index = number of boundaries < y
+(a binary search; ties go to the lower centroid like ``torch.bucketize``) and the bit layout of
+``packing.py``. QJL quantizers use the torch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
+    from types import SimpleNamespace
+
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+
+from ..backend import backend_for, warn_once
+from ..quantizer import QuantizedTensor, TurboQuantizer
+
+# Rotation tile edge (BLOCK_COL x BLOCK_COL slices of R^T).
+_BLOCK_COL = 32
+_rotation_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rotation_matrices(quantizer: TurboQuantizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R^T), each (dim, dim) fp32 contiguous on ``device``: rotate(x) = x @ R^T, unrotate(y) = y @ R.
+
+    Cached per (kind, dim, seed, device): a rotation is a pure function of those.
+    """
+    rotation = quantizer.state(device)[0]
+    key = (rotation.kind, rotation.dim, rotation.seed, device)
+    found = _rotation_cache.get(key)
+    if found is None:
+        matrix = rotation.matrix().float().contiguous()
+        found = _rotation_cache[key] = (matrix, matrix.T.contiguous())
+    return found
+
+
+def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
+    """Why the Triton kernels cannot handle this quantizer (None when they can)."""
+    if quantizer.qjl:
+        return "QJL quantizers"
+    dim = quantizer.dim
+    if dim < 16 or dim & (dim - 1):
+        return f"head_dim={dim} (Triton tiles need a power of two >= 16)"
+    return None
+
+
+@triton.jit
+def _encode_kernel(
+    x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
+    rot_t_ptr, boundaries_ptr,
+    packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
+    norms_ptr, stride_nb, stride_nh, stride_nn,
+    heads, n_tokens, start,
+    HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < n_tokens
+    dims = tl.arange(0, HEAD_DIM)
+    x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
+    x = tl.load(x_rows[:, None] + dims[None, :] * stride_xd, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    norms = tl.sqrt(tl.sum(x * x, axis=1))
+    # Zero vectors divide by 1: their norm of 0 decodes them to exact zeros.
+    divisor = tl.where(norms > 0, norms, 1.0)
+
+    slot = start + rows.to(tl.int64)
+    tl.store(norms_ptr + b * stride_nb + h * stride_nh + slot * stride_nn, norms, mask=row_valid)
+    packed_rows = packed_ptr + b * stride_pb + h * stride_ph + slot * stride_pn
+    cols = tl.arange(0, BLOCK_COL)
+    PER_BYTE: tl.constexpr = 8 // BITS  # indices per byte (unused at 3 bits: those pack by 3-byte groups)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
+        # rotated[:, cols] = (x / norm) @ R^T[:, cols], contracted in BLOCK_COL slices re-read from x (L1):
+        # small FMA tiles stay in registers where a whole (BLOCK_M, HEAD_DIM) operand would spill.
+        rotated = tl.zeros((BLOCK_M, BLOCK_COL), tl.float32)
+        for k0 in range(0, HEAD_DIM, BLOCK_COL):
+            x_part = tl.load(x_rows[:, None] + (k0 + cols)[None, :] * stride_xd, mask=row_valid[:, None], other=0.0)
+            unit_part = x_part.to(tl.float32) / divisor[:, None]
+            rot_t = tl.load(rot_t_ptr + (k0 + cols)[:, None] * HEAD_DIM + (col0 + cols)[None, :])
+            rotated = tl.dot(unit_part, rot_t, rotated, input_precision="ieee")
+        # Count of boundaries < y by binary lifting over the sorted boundaries; NaN goes last like bucketize.
+        indices = tl.zeros((BLOCK_M, BLOCK_COL), dtype=tl.int32)
+        for level in tl.static_range(BITS):
+            candidate = indices + (1 << (BITS - 1 - level))
+            boundary = tl.load(boundaries_ptr + candidate - 1)
+            indices = tl.where((boundary < rotated) | (rotated != rotated), candidate, indices)
+        byte0 = col0 * BITS // 8
+        if BITS == 3:
+            # 8 indices -> a 24-bit word -> 3 little-endian bytes.
+            groups = tl.reshape(indices, (BLOCK_M, BLOCK_COL // 8, 8))
+            word = tl.sum(groups << (tl.arange(0, 8) * 3)[None, None, :], axis=2)
+            group_ptrs = packed_rows[:, None] + (byte0 + tl.arange(0, BLOCK_COL // 8) * 3)[None, :] * stride_pbyte
+            tl.store(group_ptrs, (word & 0xFF).to(tl.uint8), mask=row_valid[:, None])
+            tl.store(group_ptrs + stride_pbyte, ((word >> 8) & 0xFF).to(tl.uint8), mask=row_valid[:, None])
+            tl.store(group_ptrs + 2 * stride_pbyte, ((word >> 16) & 0xFF).to(tl.uint8), mask=row_valid[:, None])
+        else:
+            fields = tl.reshape(indices, (BLOCK_M, BLOCK_COL // PER_BYTE, PER_BYTE))
+            packed = tl.sum(fields << (tl.arange(0, PER_BYTE) * BITS)[None, None, :], axis=2)
+            byte_ptrs = packed_rows[:, None] + (byte0 + tl.arange(0, BLOCK_COL // PER_BYTE))[None, :] * stride_pbyte
+            tl.store(byte_ptrs, packed.to(tl.uint8), mask=row_valid[:, None])
+
+
+def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+    if x.dim() != 4 or x.shape[-1] != quantizer.dim:
+        raise ValueError(f"x must be (batch, heads, n, dim={quantizer.dim}), got {tuple(x.shape)}")
+    if (storage.dim, storage.mse_bits, storage.qjl_signs is not None) != (quantizer.dim, quantizer.mse_bits,
+                                                                          quantizer.qjl):
+        raise ValueError("storage was not made by a quantizer with this dim, bits and qjl")
+    capacity = storage.norms.shape
+    if len(capacity) != 3 or tuple(capacity[:2]) != tuple(x.shape[:2]):
+        raise ValueError(f"storage leading shape must be (batch, heads, capacity) = ({x.shape[0]}, {x.shape[1]}, "
+                         f"capacity), got {tuple(capacity)}")
+    if start < 0 or start + x.shape[2] > capacity[2]:
+        raise ValueError(f"start={start} + n={x.shape[2]} exceeds the storage capacity {capacity[2]}")
+
+
+def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+    """Write the encoding of x into storage[:, :, start:start + n] (torch reference).
+
+    x: (batch, heads, n, dim) fp16/bf16/fp32; storage: QuantizedTensor with leading shape
+    (batch, heads, capacity), written in place.
+    """
+    _check(x, quantizer, storage, start)
+    encoded = quantizer.quantize(x, check_finite=False)
+    stop = start + x.shape[2]
+    for name in ("packed_indices", "norms", "qjl_signs", "residual_norms"):
+        source = getattr(encoded, name)
+        if source is not None:
+            getattr(storage, name)[:, :, start:stop].copy_(source)
+
+
+def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+    """Same contract as ``encode_into_torch``; QJL quantizers and odd head dims use the torch twin."""
+    reason = triton_unsupported(quantizer)
+    if reason is not None:
+        warn_once(f"turboquant_hf: Triton encode does not support {reason}; using the torch path")
+        return encode_into_torch(x, quantizer, storage, start)
+    _check(x, quantizer, storage, start)
+    batch, heads, n_tokens, dim = x.shape
+    if n_tokens == 0:
+        return None
+    _, rot_t = rotation_matrices(quantizer, x.device)
+    boundaries = quantizer.state(x.device)[2]
+    packed, norms = storage.packed_indices, storage.norms
+    block_m = 32 if x.device.type == "cuda" else 16
+    grid = (triton.cdiv(n_tokens, block_m), batch * heads)
+    _encode_kernel[grid](
+        x, *x.stride(),
+        rot_t, boundaries,
+        packed, *packed.stride(),
+        norms, *norms.stride(),
+        heads, n_tokens, start,
+        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, dim),
+        num_warps=4,
+    )
+    return None
+
+
+def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+    """Encode x (batch, heads, n, dim) into storage[:, :, start:start + n] with the backend for x.device."""
+    if backend_for(x.device) == "triton":
+        return encode_into_triton(x, quantizer, storage, start)
+    return encode_into_torch(x, quantizer, storage, start)
