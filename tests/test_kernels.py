@@ -322,8 +322,10 @@ def test_decode_attention_matches_torch_and_float64(case):
     reference = _reference_attention(*args, **kwargs)
     assert out.shape == twin.shape == args[0].shape and out.dtype == args[0].dtype
     eps = EPS[case.dtype]
-    # Against the twin: fp32 rounding, plus at most one rounding step of a half-precision output.
-    assert ((out.float() - twin.float()).abs() <= 1e-5 + 2 * eps * twin.float().abs()).all()
+    # Against the twin: fp32 rounding (CPU interpreter) or the tensor-core dot precision of CUDA (2e-3 of the
+    # largest output, see DOT_PRECISION), plus at most one rounding step of a half-precision output.
+    slack = 1e-5 if out.device.type == "cpu" else 2e-3 * twin.float().abs().max()
+    assert ((out.float() - twin.float()).abs() <= slack + 2 * eps * twin.float().abs()).all()
     # Against float64: 1e-3 relative (fp32 math), plus the output dtype's rounding.
     assert _relative_error(out, reference) <= 1e-3 + eps
 
@@ -350,7 +352,9 @@ def test_decode_attention_fully_masked_row_is_zero():
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)
     assert (out[1] == 0).all() and (twin[1] == 0).all()
-    assert torch.allclose(out, twin, atol=1e-5)
+    # CUDA's tensor-core dot precision (DOT_PRECISION) allows 2e-3 of the largest output; fp32 elsewhere.
+    slack = 1e-5 if out.device.type == "cpu" else 2e-3 * twin.abs().max().item()
+    assert torch.allclose(out, twin, atol=slack)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch

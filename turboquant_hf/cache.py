@@ -30,8 +30,8 @@ from .rotation import ROTATIONS
 
 # Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block.
 _FLUSH_BLOCK = 64
-# Storage grows by at least this many tokens (and by a quarter of its size): few reallocations,
-# and at most ~25% slack, which ``memory_report`` counts.
+# Storage capacity is a multiple of this many tokens and grows by a 16th of its size (at least 4 blocks):
+# a reallocation every ~6% of growth, and at most ~6% spare capacity, which ``memory_report`` counts.
 _GROWTH_BLOCK = 64
 
 
@@ -185,7 +185,7 @@ class TurboQuantLayer(DynamicLayer):
         needed = self.compressed_length + keys.shape[-2]
         capacity = self.key_storage.norms.shape[-1]
         if needed > capacity:
-            new_capacity = max(needed, capacity + capacity // 4)
+            new_capacity = max(needed, capacity + max(capacity // 16, 4 * _GROWTH_BLOCK))
             new_capacity = -(-new_capacity // _GROWTH_BLOCK) * _GROWTH_BLOCK
             self.key_storage = self._grow(self.key_storage, self.key_quantizer, new_capacity)
             self.value_storage = self._grow(self.value_storage, self.value_quantizer, new_capacity)

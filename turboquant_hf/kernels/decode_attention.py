@@ -397,7 +397,7 @@ def _attention_config(head_dim: int, rows: int) -> dict:
     """
     block_r = max(16, min(triton.next_power_of_2(rows), 32))
     wide = head_dim > 128 or block_r > 16
-    return {"BLOCK_R": block_r, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 2, "waves": 4}
+    return {"BLOCK_R": block_r, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 1, "waves": 4}
 
 
 def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, device: torch.device) -> tuple[int, int]:
