@@ -1,0 +1,363 @@
+"""turboquant_hf.eval on a tiny random Llama built here (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from turboquant_hf.eval import agreement, footprint, perplexity, report, specs
+from turboquant_hf.eval.__main__ import main
+from turboquant_hf.eval.loading import PROSE_TEXT, read_text
+from turboquant_hf.eval.specs import CacheSpec, make_cache, parse_cache_spec, parse_cache_specs
+
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+
+
+def tiny_config(vocab_size: int = 320) -> LlamaConfig:
+    # A large init makes the random model's predictions sharp, so a broken cache moves the perplexity.
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                       max_position_embeddings=1024, initializer_range=0.2, tie_word_embeddings=False)
+
+
+def tiny_model(vocab_size: int = 320) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def model(input_ids):
+    """The tiny model, trained to memorise ``input_ids``: a random model's perplexity barely depends on its
+    attention, so no cache could move it; this one's does (a few seconds of CPU)."""
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(25):
+        loss = model(input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny model + a byte-level BPE tokenizer trained here on the shipped prose text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([read_text(PROSE_TEXT)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    tiny_model(len(tokenizer)).save_pretrained(folder)
+    return folder
+
+
+class NoisyCache(DynamicCache):
+    """A DynamicCache that corrupts the values it returns: the metric must catch it."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(layer_idx), dtype=values.dtype)
+        return keys, values + 2.0 * values.std() * noise
+
+
+# ------------------------------------------------------------------------------------ perplexity
+@pytest.mark.parametrize("prefill, chunk", [(8, 1), (16, 7), (1, 32), (40, 200)])
+def test_dynamic_chunked_equals_full_forward(model, input_ids, prefill, chunk):
+    chunked = perplexity.nlls_through_cache(model, input_ids, DynamicCache(config=model.config), prefill, chunk,
+                                            progress=False)
+    full = perplexity.nlls_full_forward(model, input_ids, prefill)
+    assert chunked.shape == full.shape == (input_ids.shape[1] - prefill - 1,)
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
+    check = perplexity.sanity_check(model, input_ids, chunked, prefill)
+    assert check["passed"] and check["relative_difference"] < 1e-4
+
+
+def test_cache_that_corrupts_values_shows_large_delta(model, input_ids):
+    reference = perplexity.nlls_through_cache(model, input_ids, DynamicCache(config=model.config), 16, 8, False)
+    noisy = perplexity.nlls_through_cache(model, input_ids, NoisyCache(config=model.config), 16, 8, False)
+    delta = perplexity.Delta.between(noisy, reference)
+    assert delta.percent > 100.0, delta
+    assert delta.ci95[0] > 0.0  # not noise: the whole interval is above zero
+    same = perplexity.Delta.between(reference, reference)
+    assert same.percent == 0.0 and same.ci95 == (0.0, 0.0)
+
+
+def test_turboquant_8bit_is_near_lossless_and_2bit_is_not(model, input_ids):
+    pytest.importorskip("turboquant_hf.cache")
+    reference = perplexity.nlls_through_cache(model, input_ids, DynamicCache(config=model.config), 16, 8, False)
+
+    def delta(text):
+        cache = make_cache(parse_cache_spec(text), model.config)
+        nlls = perplexity.nlls_through_cache(model, input_ids, cache, 16, 8, False)
+        return abs(perplexity.Delta.between(nlls, reference).percent)
+
+    assert delta("tq8") < 0.5
+    assert delta("tq2") > delta("tq8")
+
+
+def test_lengths_are_checked(model, input_ids):
+    with pytest.raises(ValueError, match="prefill"):
+        perplexity.nlls_through_cache(model, input_ids[:, :10], DynamicCache(), 9, 4, False)
+
+
+# ------------------------------------------------------------------------------------------ specs
+@pytest.mark.parametrize("text, expected", [
+    ("dynamic", CacheSpec("dynamic")),
+    ("tq4", CacheSpec("turboquant", 4, 4)),
+    ("TQ3-QJL", CacheSpec("turboquant", 3, 3, qjl=True)),
+    ("k4v2", CacheSpec("turboquant", 4, 2)),
+    ("k3v4-qjl:residual=32", CacheSpec("turboquant", 3, 4, qjl=True, residual=32)),
+    ("tq2:residual=128:seed=3:rotation=dense", CacheSpec("turboquant", 2, 2, residual=128, seed=3, rotation="dense")),
+    ("fp8", CacheSpec("fp8")),
+    ("quanto-int2", CacheSpec("quanto", 2, 2)),
+    ("hqq-int4:residual=64", CacheSpec("hqq", 4, 4, residual=64)),
+])
+def test_spec_parsing(text, expected):
+    spec = parse_cache_spec(text)
+    assert spec == expected
+    assert parse_cache_spec(spec.label) == spec  # the label is a spec string for the same cache
+
+
+def test_spec_labels():
+    assert parse_cache_spec("tq3").label == "tq3"
+    assert parse_cache_spec("tq3:residual=0").label == "tq3"  # residual 0 is the default
+    assert parse_cache_spec("k3v3").label == "tq3"
+    assert parse_cache_spec("tq3:residual=128").label == "tq3:residual=128"
+    assert [s.label for s in parse_cache_specs("tq4, dynamic,tq4")] == ["tq4", "dynamic"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tq5", "one of (1, 2, 3, 4, 8)"),
+    ("tq1-qjl", "-qjl needs key bits in (2, 3, 4)"),
+    ("k9v2", "key bits must be one of"),
+    ("quanto-int3", "one of (2, 4)"),
+    ("int4", "allowed: dynamic, tq"),
+    ("tq3:residual=-1", "residual must be an int >= 0"),
+    ("tq3:window=4", "unknown option 'window'"),
+    ("tq3:residual", "not key=value"),
+    ("fp8:residual=4", "no residual window"),
+    ("quanto-int4:seed=1", "TurboQuant specs only"),
+    ("tq3:rotation=random", "rotation must be one of"),
+])
+def test_spec_errors_name_the_allowed_values(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cache_spec(text)
+
+
+def test_make_cache_builds_each_family(model):
+    from transformers import QuantizedCache
+
+    assert type(make_cache(parse_cache_spec("dynamic"), model.config)) is DynamicCache
+    assert isinstance(make_cache(parse_cache_spec("fp8"), model.config), QuantizedCache)
+    if specs.missing_backend(parse_cache_spec("hqq-int4")) is None:
+        layer = make_cache(parse_cache_spec("hqq-int4:residual=8"), model.config).layers[0]
+        assert (layer.nbits, layer.axis_key, layer.axis_value, layer.residual_length) == (4, 1, 1, 8)
+    pytest.importorskip("turboquant_hf.cache")
+    cache = make_cache(parse_cache_spec("k4v2-qjl:residual=16"), model.config)
+    assert (cache.key_bits, cache.value_bits, cache.qjl, cache.residual_length) == (4, 2, True, 16)
+
+
+def test_missing_backend_message(monkeypatch):
+    monkeypatch.setitem(specs._BACKEND_PACKAGE, "quanto", ("optimum-quanto", lambda: False))
+    message = specs.missing_backend(parse_cache_spec("quanto-int4"))
+    assert "optimum-quanto" in message and "pip install" in message
+    with pytest.raises(ImportError, match="optimum-quanto"):
+        make_cache(parse_cache_spec("quanto-int4"), tiny_config())
+
+
+# -------------------------------------------------------------------------------------- footprint
+def test_held_bytes_of_dynamic_cache_is_its_kv(model, input_ids):
+    cache = DynamicCache(config=model.config)
+    perplexity.nlls_through_cache(model, input_ids, cache, 16, 8, False)
+    tokens = input_ids.shape[1] - 1
+    assert footprint.held_bytes(cache) == 2 * LAYERS * KV_HEADS * tokens * HEAD_DIM * 4
+    assert footprint.bytes_per_token(cache, model.config)["bytes_per_token"] == 2 * HEAD_DIM * 4
+
+
+def test_held_bytes_counts_shared_and_wrapped_storage_once():
+    class Layer:
+        def __init__(self, shared):
+            self.shared = shared
+            self.parts = {"a": torch.zeros(4, dtype=torch.uint8), "view": shared[:2]}
+
+    class Cache:
+        pass
+
+    shared = torch.zeros(10, dtype=torch.float32)
+    cache = Cache()
+    cache.layers = [Layer(shared), Layer(shared)]
+    assert footprint.held_bytes(cache) == 40 + 2 * 4
+
+
+# ---------------------------------------------------------------------------------------- agreement
+def test_agreement_compare():
+    reference = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    candidate = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 9]])
+    result = agreement.compare(reference, candidate)
+    assert result["per_prompt"] == [{"first_divergence": 4, "match_rate": 1.0},
+                                    {"first_divergence": 1, "match_rate": 0.5}]
+    assert result["match_rate"] == 0.75 and result["first_divergence_mean"] == 2.5 and result["identical"] == 1
+
+
+def test_greedy_decode_through_dynamic_matches_no_cache(model, input_ids):
+    prompt = input_ids[:, :20]
+    tokens = agreement.greedy_decode(model, prompt, DynamicCache(config=model.config), 5)
+    ids = prompt
+    for _ in range(5):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(tokens, ids[:, 20:])
+
+
+@pytest.mark.parametrize("text", ["dynamic", "fp8", "tq3", "k4v2-qjl:residual=8"])
+def test_replayed_prefill_equals_prefill_through_the_cache(model, input_ids, text):
+    if text.startswith(("tq", "k")):
+        pytest.importorskip("turboquant_hf.cache")
+    spec = parse_cache_spec(text)
+    prompts = torch.cat([input_ids[:, :24], input_ids[:, 30:54]])
+    direct = agreement.greedy_decode(model, prompts, make_cache(spec, model.config), 8)
+    first_tokens, prompt_cache = agreement.prefill(model, prompts)
+    replayed_cache = agreement.replay(prompt_cache, make_cache(spec, model.config), 24)
+    assert torch.equal(agreement.greedy_continue(model, first_tokens, replayed_cache, 8), direct)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("argv, message", [
+    (["ppl", "--model", "m", "--caches", "tq5"], "argument --caches: 'tq5'"),
+    (["ppl", "--model", "m", "--caches", "tq3,bogus"], "allowed: dynamic, tq{1,2,3,4,8}, tq{2,3,4}-qjl"),
+    (["ppl", "--model", "m", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),
+    (["ppl", "--model", "m", "--dtype", "int8"], "bfloat16"),
+    (["ppl", "--model", "m", "--chunk", "0"], "argument --chunk: must be an int >= 1"),
+    (["needle", "--model", "m", "--depths", "0.5,1.5"], "depths are floats in [0, 1]"),
+    (["needle", "--model", "m", "--lengths", "512,x"], "argument --lengths: must be an int >= 1"),
+    (["ppl", "--model", "m", "--text-file", "/no/such/file.txt"], "no such file"),
+    (["bench", "--model", "m"], "invalid choice: 'bench'"),
+    (["ppl"], "the following arguments are required: --model"),
+])
+def test_cli_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_prefill_must_fit(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["ppl", "--model", str(model_dir), "--max-tokens", "40", "--prefill", "39", "--quiet"])
+    assert "--prefill (39) must be at most --max-tokens - 2 (38)" in capsys.readouterr().err
+
+
+def test_cli_missing_backend_is_an_argument_error(monkeypatch, capsys):
+    monkeypatch.setitem(specs._BACKEND_PACKAGE, "hqq", ("hqq", lambda: False))
+    with pytest.raises(SystemExit):
+        main(["ppl", "--model", "m", "--caches", "dynamic,hqq-int2"])
+    assert "needs the hqq package: pip install 'turboquant_hf[hqq]'" in capsys.readouterr().err
+
+
+def _check_common_schema(result: dict, command: str) -> None:
+    assert result["schema"] == report.SCHEMA and result["command"] == command
+    assert result["argv"].startswith(f"python -m turboquant_hf.eval {command}")
+    environment = result["environment"]
+    assert {"python", "platform", "cpu", "cpu_count", "torch_threads", "device", "gpus", "packages"} <= set(environment)
+    assert environment["packages"]["torch"] == torch.__version__.split("+")[0] or environment["packages"]["torch"]
+    assert environment["packages"]["transformers"]
+    assert isinstance(result["seconds"], float) and result["rows"]
+
+
+def test_cli_ppl_json_markdown_plot(model_dir, tmp_path, capsys):
+    out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    code = main(["ppl", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "80", "--prefill", "16",
+                 "--chunk", "8", "--caches", "fp8,dynamic", "--json", str(out_json), "--markdown", str(out_md),
+                 "--plot", str(out_png), "--quiet"])
+    assert code == 0
+    terminal = capsys.readouterr().out
+    assert "ΔPPL %" in terminal and "fp8" in terminal
+    result = json.loads(out_json.read_text())
+    _check_common_schema(result, "ppl")
+    settings = result["settings"]
+    expected = {"model", "gguf_file", "device", "dtype", "max_tokens", "prefill", "chunk", "caches", "texts"}
+    assert expected <= set(settings)
+    assert settings["dtype"] == "torch.float32" and (settings["prefill"], settings["chunk"]) == (16, 8)
+    assert [c["spec"] for c in settings["caches"]] == ["fp8", "dynamic"]
+    assert settings["texts"][0]["name"] == PROSE_TEXT.name and settings["texts"][0]["tokens"] == 80
+    assert len(settings["texts"][0]["sha256"]) == 64
+    [check] = result["checks"]
+    assert check["passed"] and check["relative_difference"] <= check["tolerance"] == 1e-4
+    rows = {row["spec"]: row for row in result["rows"]}
+    assert list(rows) == ["dynamic", "fp8"]  # the reference runs first
+    for row in rows.values():
+        assert {"text", "spec", "ppl", "delta_ppl_pct", "delta_ppl_ci95", "nll_mean", "scored_tokens", "cache_bytes",
+                "cached_tokens", "bytes_per_token", "compression", "seconds"} <= set(row)
+        assert row["scored_tokens"] == 80 - 16 - 1 and row["cached_tokens"] == 79
+        assert math.isclose(row["ppl"], math.exp(row["nll_mean"]))
+    assert rows["dynamic"]["delta_ppl_pct"] == 0.0 and rows["dynamic"]["bytes_per_token"] == 2 * HEAD_DIM * 4
+    assert rows["fp8"]["bytes_per_token"] < rows["dynamic"]["bytes_per_token"] / 3.5
+    markdown = out_md.read_text()
+    assert "Command: `python -m turboquant_hf.eval ppl" in markdown and "| cache | PPL | ΔPPL % |" in markdown
+    assert "| dynamic |" in markdown and "Machine: " in markdown
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_generate_needle_speed_report(model_dir, tmp_path, capsys):
+    common = ["--model", str(model_dir), "--device", "cpu", "--quiet"]
+    gen_json, ppl_json = tmp_path / "g.json", tmp_path / "p.json"
+    assert main(["generate", *common, "--prompts", "2", "--prompt-tokens", "24", "--new-tokens", "6",
+                 "--caches", "dynamic,fp8", "--json", str(gen_json)]) == 0
+    result = json.loads(gen_json.read_text())
+    _check_common_schema(result, "generate")
+    dynamic, fp8 = result["rows"]
+    assert dynamic["match_rate"] == 1.0 and dynamic["first_divergence_mean"] == 6 and dynamic["identical"] == 2
+    assert len(fp8["generations"]) == 2 and len(fp8["per_prompt"]) == 2
+    assert "prompt 0" in capsys.readouterr().out
+
+    needle_json = tmp_path / "n.json"
+    assert main(["needle", *common, "--lengths", "96", "--depths", "0,0.5", "--new-tokens", "3",
+                 "--caches", "dynamic", "--json", str(needle_json)]) == 0
+    needle_result = json.loads(needle_json.read_text())
+    _check_common_schema(needle_result, "needle")
+    [row] = needle_result["rows"]
+    assert row["trials"] == 2 and 0.0 <= row["score"] <= 1.0 and len(row["per_trial"]) == 2
+    assert all(abs(t["prompt_tokens"] - 96) <= 8 for t in row["per_trial"])
+
+    speed_json = tmp_path / "s.json"
+    assert main(["speed", *common, "--prompt-tokens", "32", "--new-tokens", "4", "--caches", "dynamic,fp8",
+                 "--json", str(speed_json)]) == 0
+    speed_result = json.loads(speed_json.read_text())
+    _check_common_schema(speed_result, "speed")
+    for row in speed_result["rows"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["cache_bytes"] > 0
+        assert row["max_memory_allocated"] is None  # CPU
+
+    assert main(["ppl", *common, "--max-tokens", "48", "--prefill", "8", "--chunk", "8", "--caches", "dynamic,fp8",
+                 "--json", str(ppl_json)]) == 0
+    merged_json, merged_png = tmp_path / "m.json", tmp_path / "m.png"
+    assert main(["report", str(ppl_json), str(gen_json), "--json", str(merged_json), "--plot", str(merged_png),
+                 "--quiet"]) == 0
+    merged = json.loads(merged_json.read_text())
+    assert merged["command"] == "report" and len(merged["sources"]) == 2
+    fp8_row = next(row for row in merged["rows"] if row["spec"] == "fp8")
+    assert {"ppl", "delta_ppl_pct", "match_rate", "bytes_per_token"} <= set(fp8_row)
+    assert merged_png.is_file()
+
+
+def test_cli_report_rejects_other_json(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        main(["report", str(other)])
+    assert "not a turboquant_hf.eval/1 result" in capsys.readouterr().err

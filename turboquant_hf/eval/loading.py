@@ -1,0 +1,53 @@
+"""Loading what an evaluation runs on: the model, its tokenizer, the texts; and calling it with a cache."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+TEXTS_DIR = Path(__file__).parent / "texts"
+PROSE_TEXT = TEXTS_DIR / "prose_harbour_almanac.txt"
+CODE_TEXT = TEXTS_DIR / "textwrap_py3117.txt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (16-bit matmuls there are slow and add their own error), bfloat16 on GPU."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[dtype]
+
+
+def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype):
+    """(model in eval mode on ``device``, tokenizer) from a local folder or hub id, optionally a GGUF file in it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model, **extra)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra).to(device).eval()
+    return loaded, tokenizer
+
+
+def read_text(path: str | Path) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes the cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward(model, input_ids: torch.Tensor, cache, **kwargs):
+    """model(input_ids) through ``cache``: input_ids (batch, n) long -> the model output (logits (batch, n', vocab))."""
+    return model(input_ids, use_cache=True, **{cache_kwarg(model): cache}, **kwargs)
