@@ -34,10 +34,15 @@ CONFIGS = {
 }
 
 
+def llama_8b_config(layers: int = 32) -> LlamaConfig:
+    """Llama-3-8B's shape (hidden 4096, GQA 32/8, head_dim 128, MLP 14336) with ``layers`` layers."""
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=1 << 20, rope_theta=500000.0)
+
+
 def build_model(layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=1 << 20, rope_theta=500000.0)
+    config = llama_8b_config(layers)
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)

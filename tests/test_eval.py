@@ -179,6 +179,10 @@ def test_missing_backend_message(monkeypatch):
     assert "optimum-quanto" in message and "pip install" in message
     with pytest.raises(ImportError, match="optimum-quanto"):
         make_cache(parse_cache_spec("quanto-int4"), tiny_config())
+    # transformers 5.17 (the GPU image's) has no fp8 QuantizedCache.
+    monkeypatch.delattr(specs.cache_utils, "Fp8QuantizedLayer", raising=False)
+    with pytest.raises(ImportError, match="fp8 QuantizedCache"):
+        make_cache(parse_cache_spec("fp8"), tiny_config())
 
 
 # -------------------------------------------------------------------------------------- footprint
@@ -353,6 +357,23 @@ def test_cli_generate_needle_speed_report(model_dir, tmp_path, capsys):
     fp8_row = next(row for row in merged["rows"] if row["spec"] == "fp8")
     assert {"ppl", "delta_ppl_pct", "match_rate", "bytes_per_token"} <= set(fp8_row)
     assert merged_png.is_file()
+
+
+def test_cli_speed_on_random_weights_from_a_config(tmp_path, capsys):
+    """A folder with only config.json: random weights, seeded random prompt ids; the fused attention path."""
+    folder = tmp_path / "config-only"
+    tiny_model(97).config.save_pretrained(folder)
+    out = tmp_path / "s.json"
+    common = ["--model", str(folder), "--device", "cpu", "--quiet"]
+    assert main(["speed", *common, "--attn-implementation", "turboquant", "--prompt-tokens", "40", "--new-tokens",
+                 "3", "--caches", "dynamic,tq4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["random_weights"] and result["settings"]["attn_implementation"] == "turboquant"
+    assert [row["spec"] for row in result["rows"]] == ["dynamic", "tq4"]
+    assert all(row["decode_tokens_per_s"] > 0 and "error" not in row for row in result["rows"])
+    with pytest.raises(SystemExit):  # the quality commands need a tokenizer
+        main(["ppl", *common, "--max-tokens", "40", "--prefill", "8"])
+    assert "random weights are only for the speed command" in capsys.readouterr().err
 
 
 def test_cli_report_rejects_other_json(tmp_path, capsys):

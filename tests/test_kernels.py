@@ -322,24 +322,13 @@ def test_decode_attention_matches_torch_and_float64(case):
     reference = _reference_attention(*args, **kwargs)
     assert out.shape == twin.shape == args[0].shape and out.dtype == args[0].dtype
     eps = EPS[case.dtype]
-    # Against the twin: fp32 rounding (CPU interpreter) or the tensor-core dot precision of CUDA (2e-3 of the
-    # largest output, see DOT_PRECISION), plus at most one rounding step of a half-precision output.
-    slack = 1e-5 if out.device.type == "cpu" else 2e-3 * twin.float().abs().max()
+    # Against the twin: fp32-level (fp16 hi + lo tensor-core dots on CUDA, the same roundings emulated on
+    # CPU), plus at most one rounding step of a half-precision output.
+    slack = 1e-5 * twin.float().abs().max()
     assert ((out.float() - twin.float()).abs() <= slack + 2 * eps * twin.float().abs()).all()
-    # Against float64: 1e-3 relative (fp32 math), plus the output dtype's rounding.
-    assert _relative_error(out, reference) <= 1e-3 + eps
-
-
-@small
-@pytest.mark.parametrize("precision, tolerance", [(("fp16x3", "fp16"), 1e-3), (("tf32", "tf32"), 2e-3),
-                                                  (("fp16x3", "fp16x3"), 1e-5)])
-def test_decode_attention_reduced_precision_dots(monkeypatch, precision, tolerance):
-    """The tensor-core precisions of CUDA: on CPU the interpreter emulates their operand roundings."""
-    monkeypatch.setitem(attention_mod.DOT_PRECISION, DEVICE.type, precision)
-    for case in (SMALL_CASES[0], SMALL_CASES[3]):
-        args, kwargs = case.build(seed=10)
-        out = attention_mod.decode_attention_triton(*args, **kwargs)
-        assert _relative_error(out, _reference_attention(*args, **kwargs)) <= tolerance
+    # Against float64: 1e-4 relative (the issue asks 1e-3), plus the output dtype's rounding (up to one ulp:
+    # the interpreter truncates fp32 to bf16).
+    assert _relative_error(out, reference) <= 1e-4 + 2 * eps
 
 
 @small
@@ -352,9 +341,7 @@ def test_decode_attention_fully_masked_row_is_zero():
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)
     assert (out[1] == 0).all() and (twin[1] == 0).all()
-    # CUDA's tensor-core dot precision (DOT_PRECISION) allows 2e-3 of the largest output; fp32 elsewhere.
-    slack = 1e-5 if out.device.type == "cpu" else 2e-3 * twin.abs().max().item()
-    assert torch.allclose(out, twin, atol=slack)
+    assert torch.allclose(out, twin, atol=1e-5 * twin.abs().max().item())
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -438,13 +425,33 @@ def test_gpu_decode_attention(case):
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)
     eps = EPS[case.dtype]
-    assert _relative_error(out, twin) <= 2e-3 + 2 * eps
-    # fp32 queries and residual against float64: the default precisions, then the fp32-accurate ones.
+    assert _relative_error(out, twin) <= 1e-5 + 2 * eps
+    # fp32 queries and residual against float64.
     fp32_case = dataclasses.replace(case, dtype=torch.float32)
     args, kwargs = fp32_case.build(seed=20)
     reference = _reference_attention(*args, **kwargs)
-    assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-3
-    for precision in (("fp16x3", "fp16x3"), ("ieee", "ieee")):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(attention_mod.DOT_PRECISION, "cuda", precision)
-            assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-4
+    assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-5
+
+
+@pytest.mark.gpu
+@needs_compiled_cuda
+def test_gpu_decode_steps_do_not_recompile():
+    """Growing lengths (one more token per step) must reuse the compiled kernels: Triton's default
+    specialization of integer arguments would compile new variants mid-generation (seconds each)."""
+    caches = {kernel: getattr(kernel, "device_caches", None)
+              for kernel in (attention_mod._split_kernel, attention_mod._merge_kernel)}
+    if any(cache is None for cache in caches.values()):
+        pytest.skip("this Triton keeps no device_caches to inspect")
+
+    def compiled() -> int:
+        return sum(len(kernel.device_caches[DEVICE.index or 0][0]) for kernel in caches)
+
+    # Like the cache: views of storage whose capacity is a multiple of 64 tokens, and of a fixed window buffer.
+    case = AttentionCase(2, 2, 4, 128, 1088, 1, 4, 4, 64, torch.bfloat16)
+    (query, keys, values, *quantizers, window_keys, window_values), kwargs = case.build()
+    counts = []
+    for step in range(40):  # compressed lengths 1000..1039, window 5..44: every residue mod 16 of both
+        attention_mod.decode_attention_triton(query, keys[:, :, :1000 + step], values[:, :, :1000 + step], *quantizers,
+                                              window_keys[:, :, :5 + step], window_values[:, :, :5 + step], **kwargs)
+        counts.append(compiled())
+    assert counts[-1] == counts[0], f"compiled variants grew during decode: {counts}"

@@ -59,9 +59,19 @@ def test_indices_are_nearest_centroids(dim, bits, generator):
     x = torch.randn(300, dim, generator=generator) * 7
     rotated = quantizer.rotation.rotate(x / x.norm(dim=-1, keepdim=True))
     chosen = quantizer.rotated_reconstruction(quantizer.quantize(x))
-    centroids, _ = codebook(dim, bits)
+    centroids = quantizer.state(torch.device("cpu"))[1]
     nearest = (rotated.unsqueeze(-1) - centroids).abs().min(dim=-1).values
     assert torch.all((rotated - chosen).abs() <= nearest + 1e-6)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
+def test_centroids_are_the_codebook_rounded_to_float16(bits):
+    """The kernels read the centroids as fp16: they must be fp16 values within 2^-11 of the Lloyd-Max ones."""
+    centroids, boundaries = TurboQuantizer(128, bits).state(torch.device("cpu"))[1:3]
+    exact, _ = codebook(128, bits)
+    assert torch.equal(centroids, centroids.half().float())
+    assert torch.all((centroids - exact).abs() <= 2.0**-11 * exact.abs())
+    assert torch.equal(boundaries, (centroids[1:] + centroids[:-1]) / 2)
 
 
 # ---------------------------------------------------------------------------------------------- QJL

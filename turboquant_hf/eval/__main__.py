@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import agreement, needle, perplexity, report, speed
 from .footprint import bytes_per_token
-from .loading import DTYPES, PROSE_TEXT, load_model, read_text, resolve_device, resolve_dtype
+from .loading import DTYPES, PROSE_TEXT, has_weights, load_model, read_text, resolve_device, resolve_dtype
 from .specs import SPEC_HELP, CacheSpec, make_cache, missing_backend, parse_cache_specs
 
 DYNAMIC = CacheSpec("dynamic")
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", required=True, help="local folder or hub id of a causal LM")
     model.add_argument("--gguf-file", help="GGUF file name inside --model (dequantized to --dtype)")
     model.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    model.add_argument("--attn-implementation", choices=["eager", "sdpa", "turboquant"],
+                       help="attention of the model (default: its own); turboquant = the fused kernels, which read "
+                            "TurboQuant caches packed and hand every other cache to sdpa")
     model.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                        help="model dtype; auto: float32 on CPU, bfloat16 on GPU")
     outputs = argparse.ArgumentParser(add_help=False)
@@ -145,10 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _load(args):
+def _load(args, parser: argparse.ArgumentParser, needs_tokenizer: bool = True):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load_model(args.model, args.gguf_file, device, dtype)
+    if tokenizer is None and needs_tokenizer:
+        parser.error(f"--model {args.model} holds a config.json but no weights or tokenizer: random weights are "
+                     "only for the speed command")
+    if args.attn_implementation:
+        import turboquant_hf.attention  # noqa: F401  (registers "turboquant")
+
+        model.set_attn_implementation(args.attn_implementation)
     return model, tokenizer, device
 
 
@@ -158,14 +168,19 @@ def _text_info(path: Path, tokens: int) -> dict:
             "tokens": tokens}
 
 
-def _token_ids(tokenizer, path: Path) -> torch.Tensor:
-    """(n,) long: the text with the tokenizer's default special tokens."""
+def _token_ids(tokenizer, path: Path, vocab_size: int = 0) -> torch.Tensor:
+    """(n,) long: the text with the tokenizer's default special tokens; without a tokenizer (random weights),
+    one seeded random id per byte of the text."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (len(read_text(path).encode()),), generator=generator)
     return torch.tensor(tokenizer(read_text(path))["input_ids"], dtype=torch.long)
 
 
 def _settings(args, model, device, **extra) -> dict:
-    return {"model": args.model, "gguf_file": args.gguf_file, "device": str(device), "dtype": str(model.dtype),
-            **extra, "caches": [spec.describe() for spec in args.caches]}
+    return {"model": args.model, "gguf_file": args.gguf_file, "random_weights": not has_weights(args.model),
+            "attn_implementation": model.config._attn_implementation, "device": str(device),
+            "dtype": str(model.dtype), **extra, "caches": [spec.describe() for spec in args.caches]}
 
 
 def _result(command: str, argv: list[str], settings: dict, rows: list[dict], started: float, device=None,
@@ -212,7 +227,7 @@ def run_ppl(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     if args.prefill + 2 > args.max_tokens:
         parser.error(f"--prefill ({args.prefill}) must be at most --max-tokens - 2 ({args.max_tokens - 2})")
     started = time.perf_counter()
-    model, tokenizer, device = _load(args)
+    model, tokenizer, device = _load(args, parser)
     specs = _with_dynamic_first(args.caches)
     rows, checks, texts = [], [], []
     for path in args.text_file:
@@ -257,7 +272,7 @@ def run_ppl(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
 
 def run_generate(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
-    model, tokenizer, device = _load(args)
+    model, tokenizer, device = _load(args, parser)
     specs = _with_dynamic_first(args.caches)
     rows, texts = [], []
     for path in args.text_file:
@@ -304,7 +319,7 @@ def run_generate(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
 
 def run_needle(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
-    model, tokenizer, device = _load(args)
+    model, tokenizer, device = _load(args, parser)
     try:
         trials = needle.build_trials(tokenizer, read_text(args.text_file), args.lengths, args.depths, args.seed)
     except ValueError as error:
@@ -330,8 +345,8 @@ def run_needle(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
 
 def run_speed(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
-    model, tokenizer, device = _load(args)
-    token_ids = _token_ids(tokenizer, args.text_file)
+    model, tokenizer, device = _load(args, parser, needs_tokenizer=False)
+    token_ids = _token_ids(tokenizer, args.text_file, model.config.get_text_config().vocab_size)
     if token_ids.numel() < args.prompt_tokens:
         token_ids = token_ids.repeat(args.prompt_tokens // token_ids.numel() + 1)
     prompt = token_ids[: args.prompt_tokens].repeat(args.batch, 1).to(device)

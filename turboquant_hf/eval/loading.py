@@ -26,14 +26,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def has_weights(model: str) -> bool:
+    """False for a local folder that holds a config.json but no weights (see load_model)."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        return True
+    return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf"))
+
+
 def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode on ``device``, tokenizer) from a local folder or hub id, optionally a GGUF file in it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in eval mode on ``device``, tokenizer) from a local folder or hub id, optionally a GGUF file in it.
+
+    A local folder with only a config.json gets random weights (for speed and memory, e.g. an 8B-shaped
+    model that is not on the machine) and tokenizer None unless the folder also holds tokenizer files.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra).to(device).eval()
-    return loaded, tokenizer
+    if gguf_file or has_weights(model):
+        tokenizer = AutoTokenizer.from_pretrained(model, **extra)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra).to(device).eval()
+        return loaded, tokenizer
+    folder = Path(model)
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
+    with torch.device(device):
+        loaded = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
+    return loaded.eval(), tokenizer
 
 
 def read_text(path: str | Path) -> str:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from transformers import DynamicCache, QuantizedCache
+import transformers
+from transformers import DynamicCache, QuantizedCache, cache_utils
 from transformers.utils import is_hqq_available, is_optimum_quanto_available
 
 from ..codebook import SUPPORTED_BITS
@@ -170,6 +171,9 @@ def parse_cache_specs(text: str) -> list[CacheSpec]:
 
 def missing_backend(spec: CacheSpec) -> str | None:
     """A message naming the package to install if ``spec`` needs one that is absent, else None."""
+    if spec.family == "fp8" and not hasattr(cache_utils, "Fp8QuantizedLayer"):
+        return (f"cache spec {spec.label!r} needs transformers' fp8 QuantizedCache, which this transformers "
+                f"({transformers.__version__}) does not have: pip install -U transformers")
     if spec.family not in _BACKEND_PACKAGE:
         return None
     package, available = _BACKEND_PACKAGE[spec.family]

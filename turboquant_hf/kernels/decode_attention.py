@@ -2,24 +2,24 @@
 
 Layout of the Triton path (three launches, no host sync):
 
-1. ``_rotate_query_kernel``: q_rot = q R^T once per call (fp32), in the key rotation's basis.
+1. ``_rotate_query_kernel``: q_rot = scale * q R^T once per call (fp32), in the key rotation's basis.
 2. ``_split_kernel``, grid (splits + 1, batch * kv_heads, row blocks). Splits 0..splits-1 each take a
    slice of the compressed past; a program owns one kv head and all ``group * M`` query rows that read it
    (GQA without repeating K/V), so the packed K/V (D * bits / 8 + 4 bytes per vector) is read once.
    It scores keys in the rotated domain (norm_k * <q_rot, c[idx_k]>), runs an online softmax in fp32
-   and accumulates norm_v * c[idx_v] in the value rotation's basis. The last split attends over the
-   dense residual window (model basis). Each writes an unnormalized partial with its row max and sum.
+   and accumulates norm_v * c[idx_v] in the value rotation's basis; at 4 and 2 bits it works on the
+   "phases" of the packed bytes (see ``_split_kernel``). The last split attends over the dense residual
+   window (model basis). Each writes an unnormalized partial with its row max and sum. Lengths are not
+   specialized on (``do_not_specialize``), so a generation compiles each kernel once.
 3. ``_merge_kernel``: log-sum-exp merge of the partials, one matmul with R back to the model basis, the
    residual partial added, (B, Hq, M, D) written in the query dtype.
 
 Numerics: softmax statistics and accumulators are fp32; the rotations run once per call in IEEE fp32.
-The per-token dots run on tensor cores (DOT_PRECISION, per device type). CUDA default: scores in
-"fp16x3" (query and keys split into fp16 hi + lo, three MMAs: fp32-level accuracy, needed because
-score errors are multiplied by the logit range), values in "fp16" (weights and centroids rounded to
-nearest fp16: ~2^-12 relative, measured ~3e-4 on outputs vs float64, 4x below the bf16 rounding of the
-K/V that dense attention reads). ("fp16x3", "fp16x3") gives ~1e-6 for about 1.5x the tensor work. The
-fp16 modes need |q * scale|, |residual K/V| and |p * norm_v| < 65504. The interpreter computes in fp32
-("ieee") unless DOT_PRECISION["cpu"] is set, in which case it emulates the same roundings.
+The per-token dots run on fp16 tensor cores at about fp32 accuracy: the decoded centroids are exact fp16
+values (``TurboQuantizer`` rounds its codebook to fp16), and the fp32 side (scaled rotated queries,
+softmax weights times value norms) is split into fp16 hi + lo, two dots accumulated in fp32. The dense
+residual window splits both sides (three dots). So the same math runs on the interpreter and on the GPU,
+within ~1e-6 of float64. The fp16 split needs |q * scale|, |residual K/V| and value norms < 65504.
 """
 
 from __future__ import annotations
@@ -34,46 +34,26 @@ try:
 except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
     from types import SimpleNamespace
 
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
 from ..backend import backend_for, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .dequant import centroid_tile, codebook_on
+from .dequant import centroid_table, decode_packed, dot_fp16_rhs, fp16_field, load_packed
 from .encode import rotation_matrices, triton_unsupported
 
-# Per-token dot precisions (q.k scores, p.v values) by device type; see _dot and the module docstring.
-DOT_PRECISION = {"cuda": ("fp16x3", "fp16")}
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
 
 
 @triton.jit
-def _round_to_tf32(x, ENABLED: tl.constexpr):
-    """Round fp32 to the nearest tf32 (tensor cores would otherwise truncate the low 13 bits)."""
-    if ENABLED:
-        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b for fp32 a (M, K) and b (K, N), accumulated in fp32.
-
-    PRECISION: a tl.dot input_precision ("ieee", "tf32", "tf32x3"), "fp16" (one fp16 MMA, operands
-    rounded to nearest) or "fp16x3" (both operands split into fp16 hi + lo, three fp16 MMAs: about fp32
-    accuracy at 1.5x the tensor time of one tf32 MMA). The fp16 modes need |operands| < 65504.
-    """
-    if PRECISION == "fp16x3":
-        a_hi = a.to(tl.float16)
-        b_hi = b.to(tl.float16)
-        acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), acc)
-        acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc)
-        acc = tl.dot(a_hi, b_hi, acc)
-    elif PRECISION == "fp16":
-        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
+def _dot3(a, b, acc):
+    """acc + a @ b for fp32 a (M, K) and b (K, N), about fp32-accurate: both split into fp16 hi + lo,
+    three fp16 tensor-core dots accumulated in fp32 (lo @ lo dropped). Needs |a|, |b| < 65504."""
+    a_hi = a.to(tl.float16)
+    b_hi = b.to(tl.float16)
+    acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), acc)
+    acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc)
+    return tl.dot(a_hi, b_hi, acc)
 
 
 @triton.jit
@@ -96,15 +76,37 @@ def _masked_logits(
 
 
 @triton.jit
-def _softmax_step(logits, row_max, row_sum, acc):
-    """One online-softmax step: returns weights p (R, N), the new max and sum, acc rescaled."""
+def _softmax_step(logits, row_max, row_sum):
+    """One online-softmax step: returns weights p (R, N), the new max and sum, and alpha (R,), the factor
+    that rescales the accumulators to the new max."""
     new_max = tl.maximum(row_max, tl.max(logits, axis=1))
     # Rows that have attended to nothing yet keep max -inf; subtract 0 there so exp gives 0, not NaN.
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.exp(row_max - safe_max)
     weights = tl.exp(logits - safe_max[:, None])
     row_sum = row_sum * alpha + tl.sum(weights, axis=1)
-    return weights, new_max, row_sum, acc * alpha[:, None]
+    return weights, new_max, row_sum, alpha
+
+
+@triton.jit
+def _gather(words, table_ptr, BITS: tl.constexpr, PHASES: tl.constexpr):
+    """Packed words of a tile (load_packed) -> what _phase slices: the (N, D) fp16 centroids when PHASES == 1, else
+    the centroid_table entry of each byte (the fp16 centroids of its PHASES indices side by side)."""
+    if PHASES == 1:
+        gathered = decode_packed(words, table_ptr, BITS)
+    else:
+        gathered = tl.load(table_ptr + words.to(tl.int32))
+    return gathered
+
+
+@triton.jit
+def _phase(gathered, j: tl.constexpr, PHASES: tl.constexpr):
+    """Coordinates j, j + PHASES, j + 2 * PHASES, ... of a _gather result, fp16 (N, D / PHASES)."""
+    if PHASES == 1:
+        tile = gathered
+    else:
+        tile = fp16_field(gathered, j)
+    return tile
 
 
 @triton.jit
@@ -126,10 +128,10 @@ def _matmul_columns(a_rows, stride_a, b_ptr, col0, BLOCK_R: tl.constexpr, HEAD_D
 def _rotate_query_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     rot_t_ptr, q_rot_ptr,
-    kv_heads, group, n_queries, padded_rows,
+    kv_heads, group, n_queries, padded_rows, scale,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """q_rot[b * kv_heads + h, r] = q[b, h * group + r // M, r % M] @ R^T (fp32); padding rows read row 0."""
+    """q_rot[b * kv_heads + h, r] = scale * q[b, h * group + r // M, r % M] @ R^T (fp32); padding rows read row 0."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // kv_heads).to(tl.int64)
     h = (pid_bh % kv_heads).to(tl.int64)
@@ -142,10 +144,12 @@ def _rotate_query_kernel(
     ks = tl.arange(0, BLOCK_K)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
         q_rot = _matmul_columns(q_rows, stride_qd, rot_t_ptr, col0, BLOCK_R, HEAD_DIM, BLOCK_K)
-        tl.store(out_rows[:, None] + (col0 + ks)[None, :], q_rot)
+        tl.store(out_rows[:, None] + (col0 + ks)[None, :], q_rot * scale)
 
 
-@triton.jit
+# Lengths change every decode step: specializing on them (Triton's default for ints) would recompile mid-generation.
+@triton.jit(do_not_specialize=["stride_mb", "stride_mh", "stride_mm", "compressed_len", "residual_len", "num_splits",
+                               "split_len"])
 def _split_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     q_rot_ptr,
@@ -153,7 +157,7 @@ def _split_kernel(
     k_norms_ptr, stride_knb, stride_knh, stride_knn,
     v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
     v_norms_ptr, stride_vnb, stride_vnh, stride_vnn,
-    k_codebook_ptr, v_codebook_ptr,
+    k_table_ptr, v_table_ptr,
     rk_ptr, stride_rkb, stride_rkh, stride_rkn, stride_rkd,
     rv_ptr, stride_rvb, stride_rvh, stride_rvn, stride_rvd,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -161,10 +165,16 @@ def _split_kernel(
     kv_heads, group, n_queries, compressed_len, residual_len, num_splits, split_len, padded_rows,
     scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
+
+    At 4 and 2 bits the compressed splits work on "phases" (K_PHASES, V_PHASES of 2 or 4, else 1): phase j holds
+    coordinates j, j + P, j + 2P, ..., the j-th index of each packed byte. Scores add up
+    over the key phases against the matching columns of the rotated query; each value phase has its own
+    accumulator (acc0..acc3). Tiles in coordinate order would have to be interleaved in registers first,
+    which costs Triton more register shuffles than all the rest of the step.
 
     Splits < num_splits cover compressed tokens [split * split_len, ...) in the rotated domain (partial
     output in the value rotation's basis); split == num_splits covers the dense residual window (model
@@ -184,12 +194,18 @@ def _split_kernel(
     kv_offsets = tl.arange(0, BLOCK_N)
     row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
     slot_rows = (pid_bh.to(tl.int64) * (num_splits + 1) + split) * padded_rows + rows
 
     if split < num_splits:
-        q_rot = tl.load(q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows)[:, None] * HEAD_DIM + dims[None, :])
-        q_rot = _round_to_tf32(q_rot * scale, QK_PRECISION == "tf32")
+        K_WIDTH: tl.constexpr = HEAD_DIM // K_PHASES
+        V_WIDTH: tl.constexpr = HEAD_DIM // V_PHASES
+        q_rot_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
+        k_columns = tl.arange(0, K_WIDTH) * K_PHASES
+        v_columns = tl.arange(0, V_WIDTH) * V_PHASES
+        acc0 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
+        acc1 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
+        acc2 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
+        acc3 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
         k_rows = k_packed_ptr + b * stride_kpb + h * stride_kph
         v_rows = v_packed_ptr + b * stride_vpb + h * stride_vph
         k_norms = k_norms_ptr + b * stride_knb + h * stride_knh
@@ -199,25 +215,41 @@ def _split_kernel(
         for n0 in range(start, stop, BLOCK_N):
             kv_pos = n0 + kv_offsets
             kv_valid = kv_pos < stop
-            kv_pos64 = kv_pos.to(tl.int64)
-            keys = centroid_tile(k_rows + kv_pos64 * stride_kpn, kv_valid, stride_kpbyte, k_codebook_ptr, K_BITS,
-                                 HEAD_DIM)
-            key_norms = tl.load(k_norms + kv_pos64 * stride_knn, mask=kv_valid, other=0.0)
-            scores = _dot(q_rot, tl.trans(keys), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), QK_PRECISION)
-            scores = scores * key_norms[None, :]
-            logits = _masked_logits(scores, kv_pos, kv_valid, query_pos, row_valid, mask_rows, stride_mn, softcap,
-                                    USE_SOFTCAP, MASK_KIND)
-            weights, row_max, row_sum, acc = _softmax_step(logits, row_max, row_sum, acc)
-            values = centroid_tile(v_rows + kv_pos64 * stride_vpn, kv_valid, stride_vpbyte, v_codebook_ptr, V_BITS,
-                                   HEAD_DIM)
-            value_norms = tl.load(v_norms + kv_pos64 * stride_vnn, mask=kv_valid, other=0.0)
-            weighted = _round_to_tf32(weights * value_norms[None, :], PV_PRECISION == "tf32")
-            acc = _dot(weighted, values, acc, PV_PRECISION)
+            pos64 = kv_pos.to(tl.int64)
+            k_words = load_packed(k_rows + pos64 * stride_kpn, kv_valid, stride_kpbyte, K_BITS, HEAD_DIM)
+            v_words = load_packed(v_rows + pos64 * stride_vpn, kv_valid, stride_vpbyte, V_BITS, HEAD_DIM)
+            key_norms = tl.load(k_norms + pos64 * stride_knn, mask=kv_valid, other=0.0)
+            value_norms = tl.load(v_norms + pos64 * stride_vnn, mask=kv_valid, other=0.0)
+            key_entries = _gather(k_words, k_table_ptr, K_BITS, K_PHASES)
+            scores = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+            for j in tl.static_range(K_PHASES):
+                q_phase = tl.load(q_rot_rows[:, None] + (k_columns + j)[None, :])  # L1-resident, scaled q R^T
+                scores = dot_fp16_rhs(q_phase, tl.trans(_phase(key_entries, j, K_PHASES)), scores)
+            logits = _masked_logits(scores * key_norms[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
+                                    stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
+            weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
+            weights = weights * value_norms[None, :]
+            value_entries = _gather(v_words, v_table_ptr, V_BITS, V_PHASES)
+            acc0 = dot_fp16_rhs(weights, _phase(value_entries, 0, V_PHASES), acc0 * alpha[:, None])
+            if V_PHASES > 1:
+                acc1 = dot_fp16_rhs(weights, _phase(value_entries, 1, V_PHASES), acc1 * alpha[:, None])
+            if V_PHASES > 2:
+                acc2 = dot_fp16_rhs(weights, _phase(value_entries, 2, V_PHASES), acc2 * alpha[:, None])
+                acc3 = dot_fp16_rhs(weights, _phase(value_entries, 3, V_PHASES), acc3 * alpha[:, None])
+        # Padding rows (r >= group * M) are never stored nor read back: partial traffic scales with real rows.
+        out_rows = part_out_ptr + slot_rows[:, None] * HEAD_DIM + v_columns[None, :]
+        tl.store(out_rows, acc0, mask=row_valid[:, None])
+        if V_PHASES > 1:
+            tl.store(out_rows + 1, acc1, mask=row_valid[:, None])
+        if V_PHASES > 2:
+            tl.store(out_rows + 2, acc2, mask=row_valid[:, None])
+            tl.store(out_rows + 3, acc3, mask=row_valid[:, None])
     else:
+        acc = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
         if HAS_RESIDUAL:
             q_rows = query_ptr + b * stride_qb + query_head * stride_qh + query_token * stride_qm
             q = tl.load(q_rows[:, None] + dims[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
-            q = _round_to_tf32(q.to(tl.float32) * scale, QK_PRECISION == "tf32")
+            q = q.to(tl.float32) * scale
             rk_rows = rk_ptr + b * stride_rkb + h * stride_rkh
             rv_rows = rv_ptr + b * stride_rvb + h * stride_rvh
             for n0 in range(0, residual_len, BLOCK_N):
@@ -226,23 +258,19 @@ def _split_kernel(
                 offsets64 = offsets.to(tl.int64)
                 keys = tl.load(rk_rows + offsets64[:, None] * stride_rkn + dims[None, :] * stride_rkd,
                                mask=kv_valid[:, None], other=0.0)
-                keys = _round_to_tf32(keys.to(tl.float32), QK_PRECISION == "tf32")
-                scores = _dot(q, tl.trans(keys), tl.zeros((BLOCK_R, BLOCK_N), tl.float32), QK_PRECISION)
+                scores = _dot3(q, tl.trans(keys.to(tl.float32)), tl.zeros((BLOCK_R, BLOCK_N), tl.float32))
                 logits = _masked_logits(scores, compressed_len + offsets, kv_valid, query_pos, row_valid, mask_rows,
                                         stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
-                weights, row_max, row_sum, acc = _softmax_step(logits, row_max, row_sum, acc)
+                weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
                 values = tl.load(rv_rows + offsets64[:, None] * stride_rvn + dims[None, :] * stride_rvd,
                                  mask=kv_valid[:, None], other=0.0)
-                values = _round_to_tf32(values.to(tl.float32), PV_PRECISION == "tf32")
-                weights = _round_to_tf32(weights, PV_PRECISION == "tf32")
-                acc = _dot(weights, values, acc, PV_PRECISION)
-    # Padding rows (r >= group * M) are never stored nor read back: partial traffic scales with real rows.
-    tl.store(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_valid[:, None])
+                acc = _dot3(weights, values.to(tl.float32), acc * alpha[:, None])
+        tl.store(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_valid[:, None])
     tl.store(part_max_ptr + slot_rows, row_max, mask=row_valid)
     tl.store(part_sum_ptr + slot_rows, row_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, merged_ptr, rot_ptr,
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,
@@ -380,6 +408,13 @@ def decode_attention_torch(
     return out.reshape(batch, q_heads, n_queries, dim).to(query.dtype)
 
 
+def _phases(bits: int, head_dim: int) -> int:
+    """Coordinates per table entry that the split kernel keeps apart (see _split_kernel): 2 at 4 bits, 4 at 2 bits,
+    while each phase is still >= 16 wide (tl.dot's minimum); else 1 (tiles in coordinate order)."""
+    phases = {4: 2, 2: 4}.get(bits, 1)
+    return phases if head_dim // phases >= 16 else 1
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -390,14 +425,12 @@ def _sm_count(device: torch.device) -> int:
 def _attention_config(head_dim: int, rows: int) -> dict:
     """Launch shape from head_dim and query rows per kv head (group * M).
 
-    BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton 3.9 fails to lay out
-    the gathered operand for wgmma); BLOCK_N tokens per step. Sized with ptxas for sm_90 (no spills,
-    ~100 registers, 43-86 KiB shared); "waves" is programs per SM that the split count aims for.
-    benchmarks/bench_attention.py --sweep times alternatives.
+    BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton fails to lay out the gathered
+    operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for.
+    Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md).
     """
     block_r = max(16, min(triton.next_power_of_2(rows), 32))
-    wide = head_dim > 128 or block_r > 16
-    return {"BLOCK_R": block_r, "BLOCK_N": 32, "num_warps": 8 if wide else 4, "num_stages": 1, "waves": 4}
+    return {"BLOCK_R": block_r, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "waves": 8}
 
 
 def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -446,13 +479,11 @@ def decode_attention_triton(
     splits, split_len = _num_splits(compressed_len, batch * kv_heads * row_blocks, block_n, config["waves"], device)
     slots = splits + 1  # the last slot holds the residual window (all -inf/0 without one)
 
-    qk_precision, pv_precision = DOT_PRECISION.get(device.type, ("ieee", "ieee"))
     # Queries meet keys in the key basis; the output leaves the value basis (the two may differ).
     rot_t = rotation_matrices(key_quantizer, device)[1]
     rot = rotation_matrices(value_quantizer, device)[0]
-    # Tensor cores truncate fp32 operands to tf32: hand them round-to-nearest codebooks instead.
-    key_codebook = codebook_on(key_quantizer, device, tf32=qk_precision == "tf32")
-    value_codebook = codebook_on(value_quantizer, device, tf32=pv_precision == "tf32")
+    key_phases, value_phases = _phases(key_quantizer.mse_bits, dim), _phases(value_quantizer.mse_bits, dim)
+    key_table, value_table = centroid_table(key_quantizer, device), centroid_table(value_quantizer, device)
     part_out = torch.empty((batch * kv_heads, slots, padded_rows, dim), device=device, dtype=torch.float32)
     part_max = torch.empty((batch * kv_heads, slots, padded_rows), device=device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
@@ -475,7 +506,7 @@ def decode_attention_triton(
     _rotate_query_kernel[(batch * kv_heads, row_blocks)](
         query, *query.stride(),
         rot_t, row_scratch,
-        kv_heads, group, n_queries, padded_rows,
+        kv_heads, group, n_queries, padded_rows, float(scale),
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_K=min(32, dim),
         num_warps=4,
     )
@@ -486,7 +517,7 @@ def decode_attention_triton(
         keys.norms, *keys.norms.stride(),
         values.packed_indices, *values.packed_indices.stride(),
         values.norms, *values.norms.stride(),
-        key_codebook, value_codebook,
+        key_table, value_table,
         residual_keys, *rk_strides,
         residual_values, *rv_strides,
         mask, *mask_strides,
@@ -494,8 +525,10 @@ def decode_attention_triton(
         kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
         float(scale), float(softcap) if softcap is not None else 1.0,
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n,
-        K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits, HAS_RESIDUAL=residual_len > 0,
-        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, QK_PRECISION=qk_precision, PV_PRECISION=pv_precision,
+        K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
+        K_PHASES=key_phases, V_PHASES=value_phases, 
+        HAS_RESIDUAL=residual_len > 0,
+        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     _merge_kernel[(batch * kv_heads, row_blocks)](

@@ -1,9 +1,11 @@
 """Dequantize a QuantizedTensor into a preallocated dense tensor: Triton kernel + torch twin.
 
-``centroid_tile`` (shared with the fused attention kernel) unpacks a tile of packed vectors in registers
-(shifts and masks, then ``tl.join`` to restore coordinate order) and gathers each coordinate's centroid
-from the codebook in global memory: at most 64 bytes for <= 4 bits, so every warp-wide gather hits one
-L1 line.
+``load_packed`` + ``decode_packed`` (shared with the fused attention kernel) turn a tile of packed vectors
+into their fp16 centroids. Decoding gathers from a small lookup table (``centroid_table``) whose entries
+hold the fp16 centroids of 1, 2 or 4 neighbouring coordinates at once (one gather per byte at 2 and 4 bits),
+and only then interleaves the gathered values back into coordinate order: gathering after the interleave
+would make Triton shuffle a tile of 64-bit pointers through shared memory. The centroids are fp16 values
+(see ``TurboQuantizer``), so the tile is exact and fp16 tensor-core dots lose nothing on that side.
 """
 
 from __future__ import annotations
@@ -16,31 +18,46 @@ try:
 except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
     from types import SimpleNamespace
 
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
 from ..backend import backend_for, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .encode import rotation_matrices, triton_unsupported
 
-# Coordinates decoded and contracted per tl.dot step.
+# Coordinates decoded and contracted per tl.dot step; vectors per program on CUDA (each program reads all
+# of R from L2, so larger blocks cut that traffic).
 _BLOCK_K = 32
-_codebook_cache: dict[tuple, torch.Tensor] = {}
+_BLOCK_M_CUDA = 64
+# bits -> (coordinates per table entry, packed bits per table index).
+_TABLE_LAYOUT = {1: (4, 4), 2: (4, 8), 3: (2, 6), 4: (2, 8), 8: (1, 8)}
+_ENTRY_DTYPE = {1: torch.float16, 2: torch.int32, 4: torch.int64}
+_table_cache: dict[tuple, torch.Tensor] = {}
 
 
-def round_to_tf32(values: torch.Tensor) -> torch.Tensor:
-    """fp32 -> the nearest tf32 value (10 mantissa bits, halves away from zero), kept as fp32."""
-    bits = values.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+def centroid_table(quantizer: TurboQuantizer, device: torch.device) -> torch.Tensor:
+    """Lookup table of ``decode_packed``, cached per (dim, bits, device).
 
-
-def codebook_on(quantizer: TurboQuantizer, device: torch.device, tf32: bool = False) -> torch.Tensor:
-    """The (2**mse_bits,) fp32 centroids on ``device``; ``tf32`` rounds them to nearest tf32 (for
-    tensor-core dots, which would otherwise truncate them). Cached per (dim, bits, device, tf32)."""
-    key = (quantizer.dim, quantizer.mse_bits, device, tf32)
-    found = _codebook_cache.get(key)
+    Entry e (one per value of a field of ``index_bits`` packed bits, which holds ``per_entry`` indices
+    i_0, i_1, ... at bit offsets 0, bits, ...) packs the fp16 bit patterns of c[i_0], c[i_1], ... at bit
+    offsets 0, 16, ...: (2**index_bits,) float16 at 8 bits, int32 at 3 and 4 bits, int64 at 1 and 2 bits.
+    """
+    key = (quantizer.dim, quantizer.mse_bits, device)
+    found = _table_cache.get(key)
     if found is None:
-        centroids = quantizer.state(device)[1].float().contiguous()
-        found = _codebook_cache[key] = round_to_tf32(centroids) if tf32 else centroids
+        bits = quantizer.mse_bits
+        per_entry, index_bits = _TABLE_LAYOUT[bits]
+        centroids = quantizer.state(torch.device("cpu"))[1].half()
+        if per_entry == 1:
+            table = centroids
+        else:
+            patterns = [int(v) & 0xFFFF for v in centroids.view(torch.int16).tolist()]
+            width = 16 * per_entry
+            entries = []
+            for field in range(1 << index_bits):
+                entry = sum(patterns[(field >> (bits * t)) & ((1 << bits) - 1)] << (16 * t) for t in range(per_entry))
+                entries.append(entry - (1 << width) if entry >= 1 << (width - 1) else entry)  # two's complement
+            table = torch.tensor(entries, dtype=_ENTRY_DTYPE[per_entry])
+        found = _table_cache[key] = table.to(device)
     return found
 
 
@@ -52,49 +69,75 @@ def _interleave(fields_even, fields_odd):
 
 
 @triton.jit
-def centroid_tile(row_ptrs, row_valid, stride_byte, codebook_ptr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Packed vectors -> their centroids: row_ptrs (BLOCK_N,) uint8 pointers to each vector's first byte,
-    row_valid (BLOCK_N,) bool -> (BLOCK_N, HEAD_DIM) fp32 (invalid rows decode index 0, finite)."""
-    MASK: tl.constexpr = (1 << BITS) - 1
+def fp16_field(entries, t: tl.constexpr):
+    """The fp16 at bits 16t..16t+15 of int32/int64 table entries."""
+    return ((entries >> (16 * t)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def load_packed(row_ptrs, row_valid, stride_byte, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """row_ptrs (BLOCK_N,) uint8 pointers to each vector's first byte -> (BLOCK_N, HEAD_DIM * BITS / 8) uint8
+    bytes, or at 3 bits (BLOCK_N, HEAD_DIM / 8) int32 24-bit little-endian words (index j of a group at bit 3j).
+    Invalid rows read 0."""
     if BITS == 3:
-        # Group g of 8 indices = bytes 3g..3g+2, a little-endian 24-bit word, index j at bit 3j.
         group_ptrs = row_ptrs[:, None] + (tl.arange(0, HEAD_DIM // 8) * 3)[None, :] * stride_byte
         byte0 = tl.load(group_ptrs, mask=row_valid[:, None], other=0).to(tl.int32)
         byte1 = tl.load(group_ptrs + stride_byte, mask=row_valid[:, None], other=0).to(tl.int32)
         byte2 = tl.load(group_ptrs + 2 * stride_byte, mask=row_valid[:, None], other=0).to(tl.int32)
-        word = byte0 | (byte1 << 8) | (byte2 << 16)
-        evens = _interleave(_interleave(word & MASK, (word >> 12) & MASK),
-                            _interleave((word >> 6) & MASK, (word >> 18) & MASK))
-        odds = _interleave(_interleave((word >> 3) & MASK, (word >> 15) & MASK),
-                           _interleave((word >> 9) & MASK, (word >> 21) & MASK))
-        indices = _interleave(evens, odds)
+        words = byte0 | (byte1 << 8) | (byte2 << 16)
     else:
-        PER_BYTE: tl.constexpr = 8 // BITS
-        byte_ptrs = row_ptrs[:, None] + tl.arange(0, HEAD_DIM // PER_BYTE)[None, :] * stride_byte
-        word = tl.load(byte_ptrs, mask=row_valid[:, None], other=0).to(tl.int32)
-        if PER_BYTE == 1:
-            indices = word
-        elif PER_BYTE == 2:
-            indices = _interleave(word & MASK, word >> 4)
-        elif PER_BYTE == 4:
-            indices = _interleave(_interleave(word & MASK, (word >> 4) & MASK),
-                                  _interleave((word >> 2) & MASK, word >> 6))
-        else:
-            evens = _interleave(_interleave(word & 1, (word >> 4) & 1), _interleave((word >> 2) & 1, (word >> 6) & 1))
-            odds = _interleave(_interleave((word >> 1) & 1, (word >> 5) & 1), _interleave((word >> 3) & 1, word >> 7))
-            indices = _interleave(evens, odds)
-    return tl.load(codebook_ptr + indices)
+        byte_ptrs = row_ptrs[:, None] + tl.arange(0, HEAD_DIM * BITS // 8)[None, :] * stride_byte
+        words = tl.load(byte_ptrs, mask=row_valid[:, None], other=0)
+    return words
 
 
 @triton.jit
+def decode_packed(words, table_ptr, BITS: tl.constexpr):
+    """Words of ``load_packed`` -> (BLOCK_N, HEAD_DIM) fp16 centroids in coordinate order (table: centroid_table)."""
+    words = words.to(tl.int32)
+    if BITS == 8:
+        centroids = tl.load(table_ptr + words)
+    elif BITS == 4:  # one byte = coordinates 2g, 2g+1
+        entries = tl.load(table_ptr + words)
+        centroids = _interleave(fp16_field(entries, 0), fp16_field(entries, 1))
+    elif BITS == 2:  # one byte = coordinates 4g..4g+3
+        entries = tl.load(table_ptr + words)
+        centroids = _interleave(_interleave(fp16_field(entries, 0), fp16_field(entries, 2)),
+                                _interleave(fp16_field(entries, 1), fp16_field(entries, 3)))
+    elif BITS == 3:  # one 24-bit word = coordinates 8g..8g+7, fetched as 4 pairs (2i, 2i+1)
+        pair0 = tl.load(table_ptr + (words & 63))
+        pair1 = tl.load(table_ptr + ((words >> 6) & 63))
+        pair2 = tl.load(table_ptr + ((words >> 12) & 63))
+        pair3 = tl.load(table_ptr + (words >> 18))
+        evens = _interleave(_interleave(fp16_field(pair0, 0), fp16_field(pair2, 0)), _interleave(fp16_field(pair1, 0), fp16_field(pair3, 0)))
+        odds = _interleave(_interleave(fp16_field(pair0, 1), fp16_field(pair2, 1)), _interleave(fp16_field(pair1, 1), fp16_field(pair3, 1)))
+        centroids = _interleave(evens, odds)
+    else:  # 1 bit: one byte = coordinates 8g..8g+7, fetched as two quads (low nibble 0..3, high nibble 4..7)
+        low = tl.load(table_ptr + (words & 15))
+        high = tl.load(table_ptr + (words >> 4))
+        evens = _interleave(_interleave(fp16_field(low, 0), fp16_field(high, 0)), _interleave(fp16_field(low, 2), fp16_field(high, 2)))
+        odds = _interleave(_interleave(fp16_field(low, 1), fp16_field(high, 1)), _interleave(fp16_field(low, 3), fp16_field(high, 3)))
+        centroids = _interleave(evens, odds)
+    return centroids
+
+
+@triton.jit
+def dot_fp16_rhs(a, b, acc):
+    """acc + a @ b for fp32 a (M, K) and fp16 b (K, N), about fp32-accurate: a = hi + lo (fp16 each), two
+    fp16 tensor-core dots accumulated in fp32. Needs |a| < 65504."""
+    a_hi = a.to(tl.float16)
+    acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b, acc)
+    return tl.dot(a_hi, b, acc)
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
 def _dequant_kernel(
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
     norms_ptr, stride_nb, stride_nh, stride_nn,
-    rot_ptr, codebook_ptr,
+    rot_ptr, table_ptr,
     out_ptr, stride_ob, stride_oh, stride_on, stride_od,
     heads, n_tokens,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -109,12 +152,15 @@ def _dequant_kernel(
     ks = tl.arange(0, BLOCK_K)
     dense = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     # c[idx] @ R contracted over BLOCK_K coordinates at a time (decoded once each): small dot operands
-    # stay in registers where a whole (BLOCK_M, HEAD_DIM) operand would spill.
+    # stay in registers where a whole (BLOCK_M, HEAD_DIM) operand would spill. R (fp32) = hi + lo in fp16,
+    # the fp16 centroids exact: two fp16 dots give about fp32 accuracy.
     for k0 in range(0, HEAD_DIM, BLOCK_K):
-        codes = centroid_tile(row_ptrs + (k0 * BITS // 8) * stride_pbyte, row_valid, stride_pbyte, codebook_ptr, BITS,
-                              BLOCK_K)
+        words = load_packed(row_ptrs + (k0 * BITS // 8) * stride_pbyte, row_valid, stride_pbyte, BITS, BLOCK_K)
+        codes = decode_packed(words, table_ptr, BITS)
         rot = tl.load(rot_ptr + (k0 + ks)[:, None] * HEAD_DIM + dims[None, :])
-        dense = tl.dot(codes, rot, dense, input_precision=PRECISION)
+        rot_hi = rot.to(tl.float16)
+        dense = tl.dot(codes, (rot - rot_hi.to(tl.float32)).to(tl.float16), dense)
+        dense = tl.dot(codes, rot_hi, dense)
     out_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on + dims[None, :] * stride_od
     tl.store(out_ptrs, (dense * norms[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -151,19 +197,17 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         return None
     device = out.device
     rot, _ = rotation_matrices(quantizer, device)
-    codebook = codebook_on(quantizer, device)
+    table = centroid_table(quantizer, device)
     on_cuda = device.type == "cuda"
-    block_m = 32 if on_cuda else 16
+    block_m = _BLOCK_M_CUDA if on_cuda else 16
     grid = (triton.cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
         q.norms, *q.norms.stride(),
-        rot, codebook,
+        rot, table,
         out, *out.stride(),
         heads, n_tokens,
         HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_K=min(_BLOCK_K, quantizer.dim),
-        # 3xTF32 keeps fp32 accuracy (~1e-6) at tensor-core speed; the interpreter ignores the setting.
-        PRECISION="tf32x3" if on_cuda else "ieee",
         num_warps=8 if on_cuda else 4,
     )
     return None

@@ -16,7 +16,7 @@ try:
 except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
     from types import SimpleNamespace
 
-    triton, tl = SimpleNamespace(jit=lambda fn: fn), None
+    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
 from ..backend import backend_for, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
@@ -50,7 +50,7 @@ def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
     return None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "start"])
 def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
     rot_t_ptr, boundaries_ptr,
