@@ -171,10 +171,10 @@ def _split_kernel(
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
 
     At 4 and 2 bits the compressed splits work on "phases" (K_PHASES, V_PHASES of 2 or 4, else 1): phase j holds
-    coordinates j, j + P, j + 2P, ..., the j-th index of each packed byte. Scores add up
-    over the key phases against the matching columns of the rotated query; each value phase has its own
-    accumulator (acc0..acc3). Tiles in coordinate order would have to be interleaved in registers first,
-    which costs Triton more register shuffles than all the rest of the step.
+    coordinates j, j + P, j + 2P, ..., the j-th index of each packed byte, and one table lookup per byte yields
+    all P phases. Scores add up over the key phases against the matching columns of the rotated query; each value
+    phase has its own accumulator (acc0..acc3). Tiles in coordinate order would have to be interleaved in
+    registers first, which costs Triton more register shuffles than all the rest of the step.
 
     Splits < num_splits cover compressed tokens [split * split_len, ...) in the rotated domain (partial
     output in the value rotation's basis); split == num_splits covers the dense residual window (model
