@@ -36,7 +36,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
     triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
-from ..backend import backend_for, warn_once
+from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .dequant import centroid_table, decode_packed, dot_fp16_rhs, fp16_field, load_packed
 from .encode import rotation_matrices, triton_unsupported
@@ -429,7 +429,7 @@ def _attention_config(head_dim: int, rows: int) -> dict:
     operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for.
     Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md).
     """
-    block_r = max(16, min(triton.next_power_of_2(rows), 32))
+    block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
     return {"BLOCK_R": block_r, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "waves": 8}
 
 
@@ -437,10 +437,10 @@ def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, de
     """(splits, tokens per split): about ``waves`` programs per SM, at least _MIN_SPLIT_TOKENS per split."""
     if compressed_len == 0:
         return 0, block_n
-    wanted = triton.cdiv(waves * _sm_count(device), programs)
-    splits = max(1, min(wanted, triton.cdiv(compressed_len, _MIN_SPLIT_TOKENS)))
-    split_len = triton.cdiv(triton.cdiv(compressed_len, splits), block_n) * block_n
-    return triton.cdiv(compressed_len, split_len), split_len
+    wanted = cdiv(waves * _sm_count(device), programs)
+    splits = max(1, min(wanted, cdiv(compressed_len, _MIN_SPLIT_TOKENS)))
+    split_len = cdiv(cdiv(compressed_len, splits), block_n) * block_n
+    return cdiv(compressed_len, split_len), split_len
 
 
 def decode_attention_triton(
@@ -474,7 +474,7 @@ def decode_attention_triton(
     rows = group * n_queries
     config = _attention_config(dim, rows)
     block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
-    row_blocks = triton.cdiv(rows, block_r)
+    row_blocks = cdiv(rows, block_r)
     padded_rows = row_blocks * block_r
     splits, split_len = _num_splits(compressed_len, batch * kv_heads * row_blocks, block_n, config["waves"], device)
     slots = splits + 1  # the last slot holds the residual window (all -inf/0 without one)

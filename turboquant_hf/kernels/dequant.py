@@ -20,7 +20,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
     triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
-from ..backend import backend_for, warn_once
+from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .encode import rotation_matrices, triton_unsupported
 
@@ -200,7 +200,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     table = centroid_table(quantizer, device)
     on_cuda = device.type == "cuda"
     block_m = _BLOCK_M_CUDA if on_cuda else 16
-    grid = (triton.cdiv(n_tokens, block_m), batch * heads)
+    grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
         q.norms, *q.norms.stride(),

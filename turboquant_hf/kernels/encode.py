@@ -18,7 +18,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
     triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
-from ..backend import backend_for, warn_once
+from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 
 # Rotation tile edge (BLOCK_COL x BLOCK_COL slices of R^T).
@@ -151,7 +151,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     boundaries = quantizer.state(x.device)[2]
     packed, norms = storage.packed_indices, storage.norms
     block_m = 32 if x.device.type == "cuda" else 16
-    grid = (triton.cdiv(n_tokens, block_m), batch * heads)
+    grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
         rot_t, boundaries,
