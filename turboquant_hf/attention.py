@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import _LAST_UPDATE, TurboQuantLayer
 from .kernels import decode_attention
+from .kernels.decode_attention import attention_fp32
 
 NAME = "turboquant"
 # Above this many query tokens a dense matmul over the dequantized past beats the decode kernel.
@@ -31,23 +32,19 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
     attention_mask: (B, 1, M, >= L) bool (True = attend) or additive float, or None. ``causal`` (used when
     there is no mask; a given mask already encodes the model's pattern): the M queries are the last M of
-    the L positions. A query row with no allowed key gives zeros.
+    the L positions. A query row with no allowed key gives zeros. SDPA without softcapping, else fp32 math.
     """
+    causal = causal and attention_mask is None
+    if softcap is not None:
+        return attention_fp32(query, keys, values, scale=scale, softcap=softcap, attention_mask=attention_mask,
+                              causal=causal)
     n_queries, kv_len = query.shape[2], keys.shape[2]
     allowed = None if attention_mask is None else attention_mask[..., :kv_len]
-    if allowed is None and causal and n_queries > 1:
+    if causal and n_queries > 1:
         positions = torch.arange(kv_len, device=query.device)
         allowed = positions <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
-    if softcap is None:
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, keys, values, attn_mask=allowed, scale=scale, enable_gqa=True)
-    group = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    scores = softcap * torch.tanh((query.float() @ keys.float().transpose(-1, -2)) * scale / softcap)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else scores + allowed.float()
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: zeros, not NaN
-    return (weights @ values.float()).to(query.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
+                                                            enable_gqa=True)
 
 
 def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

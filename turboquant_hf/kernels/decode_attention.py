@@ -383,28 +383,43 @@ def decode_attention_torch(
     Returns (batch, q_heads, M, head_dim) in query.dtype; math in fp32.
     """
     _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
-    batch, q_heads, n_queries, dim = query.shape
     dense_keys = key_quantizer.dequantize(keys, torch.float32)
     dense_values = value_quantizer.dequantize(values, torch.float32)
     if residual_keys is not None:
         dense_keys = torch.cat([dense_keys, residual_keys.float()], dim=2)
         dense_values = torch.cat([dense_values, residual_values.float()], dim=2)
-    kv_heads, kv_len = dense_keys.shape[1], dense_keys.shape[2]
+    return attention_fp32(query, dense_keys, dense_values, scale=scale, softcap=softcap,
+                          attention_mask=attention_mask, causal=True)
+
+
+def attention_fp32(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, scale: float,
+                   softcap: float | None = None, attention_mask: torch.Tensor | None = None,
+                   causal: bool = True) -> torch.Tensor:
+    """Reference attention in fp32: query (B, Hq, M, D), keys/values (B, Hkv, L, D) -> (B, Hq, M, D) in query.dtype.
+
+    GQA without repeating K/V (query head h reads kv head h // (Hq / Hkv)). softcap: scores become
+    softcap * tanh(scores / softcap) before masking. causal: the M queries are the last M of the L positions
+    and see no later position. attention_mask: (B|1, 1|Hq, M, >= L) bool (True = attend) or additive float,
+    applied on top. A row with no allowed key gives zeros (not NaN).
+    """
+    batch, q_heads, n_queries, dim = query.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     # (B, Hkv, group * M, D): the query heads of one kv head are contiguous, so no K/V repeat is needed.
     grouped_query = query.float().reshape(batch, kv_heads, group * n_queries, dim)
-    scores = (grouped_query @ dense_keys.transpose(-1, -2) * scale).reshape(batch, q_heads, n_queries, kv_len)
+    scores = (grouped_query @ keys.float().transpose(-1, -2) * scale).reshape(batch, q_heads, n_queries, kv_len)
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    positions = torch.arange(kv_len, device=query.device)
-    query_positions = kv_len - n_queries + torch.arange(n_queries, device=query.device)
-    scores = scores.masked_fill(positions[None, :] > query_positions[:, None], float("-inf"))
+    if causal and n_queries > 1:
+        positions = torch.arange(kv_len, device=query.device)
+        query_positions = kv_len - n_queries + torch.arange(n_queries, device=query.device)
+        scores = scores.masked_fill(positions[None, :] > query_positions[:, None], float("-inf"))
     if attention_mask is not None:
         mask = attention_mask[..., :kv_len]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     weights = torch.softmax(scores, dim=-1)
     weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    out = weights.reshape(batch, kv_heads, group * n_queries, kv_len) @ dense_values
+    out = weights.reshape(batch, kv_heads, group * n_queries, kv_len) @ values.float()
     return out.reshape(batch, q_heads, n_queries, dim).to(query.dtype)
 
 
