@@ -2,13 +2,14 @@
 
 import copy
 import gc
+import threading
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from turboquant_hf import TurboQuantCache, TurboQuantizer
-from turboquant_hf.cache import TurboQuantLayer
+from turboquant_hf.cache import TurboQuantLayer, last_update
 
 
 def tiny_llama(head_dim: int = 64, layers: int = 2, kv_heads: int = 2, heads: int = 4, dtype=torch.float32):
@@ -41,6 +42,21 @@ def random_states(batch=2, heads=2, tokens=10, dim=64, dtype=torch.float32, seed
 
 
 # ------------------------------------------------------------------------------------------ layer
+def test_last_update_is_per_thread():
+    """The fused attention finds its layer through the latest update of *its own* thread: another thread's update
+    in between (two generations served concurrently) must not replace it."""
+    layer, other = TurboQuantLayer(4, 4), TurboQuantLayer(4, 4)
+    returned_keys, _ = layer.update(*random_states(tokens=3, seed=1))
+    thread = threading.Thread(target=lambda: other.update(*random_states(tokens=2, seed=2)))
+    thread.start()
+    thread.join()
+    found_layer, found_keys = last_update()
+    assert found_layer is layer and found_keys is returned_keys
+    del returned_keys, found_keys
+    gc.collect()
+    assert last_update() == (layer, None)  # weak references: no dense tensor kept alive
+
+
 @pytest.mark.parametrize("residual_length", [0, 3, 100])
 def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_length):
     """update() = dequant(compressed) ++ window ++ new (exact), and storage matches the quantizer."""

@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import _LAST_UPDATE, TurboQuantLayer
+from .cache import TurboQuantLayer, last_update
 from .kernels import decode_attention
 from .kernels.decode_attention import attention_fp32
 
@@ -53,8 +53,8 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None)."""
     if dropout and module.training:
         raise ValueError("attn_implementation='turboquant' is for inference: dropout must be 0 in training mode")
-    layer = _LAST_UPDATE["layer"]()
-    ours = isinstance(layer, TurboQuantLayer) and _LAST_UPDATE["keys"]() is key
+    layer, keys = last_update()
+    ours = isinstance(layer, TurboQuantLayer) and keys is key
     if not ours and softcap is None:  # not a compressed layer (vision tower, sliding layer, no cache): plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

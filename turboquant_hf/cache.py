@@ -19,6 +19,7 @@ attention): no dense copy of old tokens survives between layers or steps.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -39,7 +40,13 @@ _GROWTH_BLOCK = 64
 # attention function runs right after its layer's update and uses them to find the compressed storage
 # (transformers does not pass the cache to attention functions); the identity check on the keys makes a
 # mismatch safe, and weak references keep no transient dense tensor alive.
-_LAST_UPDATE: dict = {"layer": lambda: None, "keys": lambda: None}
+_LAST_UPDATE = threading.local()  # per thread: two generations in two threads must not see each other's update
+
+
+def last_update() -> tuple[TurboQuantLayer | None, torch.Tensor | None]:
+    """(layer, returned keys) of this thread's most recent ``TurboQuantLayer.update``, or None where gone."""
+    layer, keys = getattr(_LAST_UPDATE, "refs", (None, None))
+    return (layer() if layer else None), (keys() if keys else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +164,7 @@ class TurboQuantLayer(DynamicLayer):
             self.keys = self.keys[:, :, overflow:].clone()
             self.values = self.values[:, :, overflow:].clone()
         returned = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
-        _LAST_UPDATE.update(layer=weakref.ref(self), keys=weakref.ref(returned[0]))
+        _LAST_UPDATE.refs = (weakref.ref(self), weakref.ref(returned[0]))
         return returned
 
     def _dense_past(self, dtype: torch.dtype, include_compressed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
