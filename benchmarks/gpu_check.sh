@@ -12,8 +12,8 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # works without the editable install too
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-STEPS=("${@:-tests attention generate speed agreement}")
-STEPS=(${STEPS[*]})
+STEPS=("$@")
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(tests attention generate speed agreement)
 
 {
     echo "== $(date -u +%FT%TZ) on $(hostname)"

@@ -152,7 +152,7 @@ class TurboQuantLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._check_shapes(key_states, value_states)
         self.attention_compressed_length = self.compressed_length
-        past_keys, past_values = self._dense_past(key_states.dtype, include_compressed=not self.fused)
+        returned = self._attention_states(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.residual_length
@@ -163,25 +163,27 @@ class TurboQuantLayer(DynamicLayer):
             # Keep only the window; clone so the flushed tokens' dense memory is actually released.
             self.keys = self.keys[:, :, overflow:].clone()
             self.values = self.values[:, :, overflow:].clone()
-        returned = torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
         _LAST_UPDATE.refs = (weakref.ref(self), weakref.ref(returned[0]))
         return returned
 
-    def _dense_past(self, dtype: torch.dtype, include_compressed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Dequantized compressed past ++) residual window: (B, H, [Nc +] r, D) each, transient."""
+    def _attention_states(self, key_states: torch.Tensor, value_states: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Dequantized compressed past, unless fused ++) residual window ++ the new (B, H, n, D) states, in the new
+        states' dtype: one transient (B, H, [Nc +] r + n, D) tensor each, written in place."""
         from .kernels import dequantize_into
 
-        if not include_compressed or self.compressed_length == 0:
-            return self.keys.to(dtype), self.values.to(dtype)
+        compressed = 0 if self.fused else self.compressed_length
         outputs = []
-        for storage, quantizer, window in (
-            (self.compressed_keys, self.key_quantizer, self.keys),
-            (self.compressed_values, self.value_quantizer, self.values),
-        ):
+        for storage, quantizer, window, new in ((self.key_storage, self.key_quantizer, self.keys, key_states),
+                                                (self.value_storage, self.value_quantizer, self.values, value_states)):
+            if compressed == 0:
+                outputs.append(torch.cat([window.to(new.dtype), new], dim=-2))
+                continue
             batch, heads, window_length, dim = window.shape
-            dense = window.new_empty((batch, heads, self.compressed_length + window_length, dim), dtype=dtype)
-            dequantize_into(storage, quantizer, dense[:, :, : self.compressed_length])
-            dense[:, :, self.compressed_length:] = window
+            dense = new.new_empty((batch, heads, compressed + window_length + new.shape[-2], dim))
+            dequantize_into(storage[:, :, :compressed], quantizer, dense[:, :, :compressed])
+            dense[:, :, compressed:compressed + window_length] = window
+            dense[:, :, compressed + window_length:] = new
             outputs.append(dense)
         return outputs[0], outputs[1]
 

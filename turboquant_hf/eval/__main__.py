@@ -155,9 +155,7 @@ def _load(args, parser: argparse.ArgumentParser, needs_tokenizer: bool = True):
     if tokenizer is None and needs_tokenizer:
         parser.error(f"--model {args.model} holds a config.json but no weights or tokenizer: random weights are "
                      "only for the speed command")
-    if args.attn_implementation:
-        import turboquant_hf.attention  # noqa: F401  (registers "turboquant")
-
+    if args.attn_implementation:  # "turboquant" is registered by importing this package
         model.set_attn_implementation(args.attn_implementation)
     return model, tokenizer, device
 

@@ -22,7 +22,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .encode import rotation_matrices, triton_unsupported
+from .encode import rotation_matrices, row_block, triton_unsupported
 
 # Coordinates decoded and contracted per tl.dot step; vectors per program on CUDA (each program reads all
 # of R from L2, so larger blocks cut that traffic).
@@ -139,12 +139,7 @@ def _dequant_kernel(
     heads, n_tokens,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_tokens
+    b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     rows64 = rows.to(tl.int64)
     row_ptrs = packed_ptr + b * stride_pb + h * stride_ph + rows64 * stride_pn
     norms = tl.load(norms_ptr + b * stride_nb + h * stride_nh + rows64 * stride_nn, mask=row_valid, other=0.0)

@@ -50,6 +50,14 @@ def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
     return None
 
 
+@triton.jit
+def row_block(heads, n_tokens, BLOCK_M: tl.constexpr):
+    """The program's (batch, head) as int64 and its BLOCK_M rows of n_tokens, for a grid (row blocks, B * heads)."""
+    pid_bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64), rows, rows < n_tokens
+
+
 @triton.jit(do_not_specialize=["n_tokens", "start"])
 def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
@@ -59,12 +67,7 @@ def _encode_kernel(
     heads, n_tokens, start,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_tokens
+    b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
     x = tl.load(x_rows[:, None] + dims[None, :] * stride_xd, mask=row_valid[:, None], other=0.0).to(tl.float32)
