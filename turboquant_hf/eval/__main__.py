@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import agreement, needle, perplexity, report, speed
 from .footprint import bytes_per_token
-from .loading import DTYPES, PROSE_TEXT, has_weights, load_model, read_text, resolve_device, resolve_dtype
+from .loading import (DTYPES, PROSE_TEXT, ROPE_SCALINGS, has_weights, load_model, read_text, resolve_device,
+                      resolve_dtype)
 from .specs import SPEC_HELP, CacheSpec, make_cache, missing_backend, parse_cache_specs
 
 DYNAMIC = CacheSpec("dynamic")
@@ -68,6 +69,18 @@ def _depth_list(text: str) -> list[float]:
     return depths
 
 
+def _rope_scaling(text: str) -> tuple[str, float]:
+    kind, _, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if kind not in ROPE_SCALINGS or not value > 1.0:
+        raise argparse.ArgumentTypeError(f"give KIND:FACTOR with KIND one of {', '.join(ROPE_SCALINGS)} and FACTOR > 1 "
+                                         f"(e.g. yarn:4), got {text!r}")
+    return kind, value
+
+
 def _text_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -86,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", required=True, help="local folder or hub id of a causal LM")
     model.add_argument("--gguf-file", help="GGUF file name inside --model (dequantized to --dtype)")
+    model.add_argument("--rope-scaling", type=_rope_scaling, metavar="KIND:FACTOR",
+                       help=f"stretch the model's RoPE FACTOR times beyond its trained context for longer prompts; "
+                            f"KIND: {', '.join(ROPE_SCALINGS)} (e.g. yarn:4)")
     model.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     model.add_argument("--attn-implementation", choices=["eager", "sdpa", "turboquant"],
                        help="attention of the model (default: its own); turboquant = the fused kernels, which read "
@@ -151,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args, parser: argparse.ArgumentParser, needs_tokenizer: bool = True):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_model(args.model, args.gguf_file, device, dtype)
+    model, tokenizer = load_model(args.model, args.gguf_file, device, dtype, args.rope_scaling)
     if tokenizer is None and needs_tokenizer:
         parser.error(f"--model {args.model} holds a config.json but no weights or tokenizer: random weights are "
                      "only for the speed command")
@@ -177,6 +193,7 @@ def _token_ids(tokenizer, path: Path, vocab_size: int = 0) -> torch.Tensor:
 
 def _settings(args, model, device, **extra) -> dict:
     return {"model": args.model, "gguf_file": args.gguf_file, "random_weights": not has_weights(args.model),
+            "rope_scaling": model.config.rope_parameters if args.rope_scaling else None,
             "attn_implementation": model.config._attn_implementation, "device": str(device),
             "dtype": str(model.dtype), **extra, "caches": [spec.describe() for spec in args.caches]}
 

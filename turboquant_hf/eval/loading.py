@@ -11,6 +11,7 @@ TEXTS_DIR = Path(__file__).parent / "texts"
 PROSE_TEXT = TEXTS_DIR / "prose_harbour_almanac.txt"
 CODE_TEXT = TEXTS_DIR / "textwrap_py3117.txt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -34,8 +35,24 @@ def has_weights(model: str) -> bool:
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf"))
 
 
-def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode on ``device``, tokenizer) from a local folder or hub id, optionally a GGUF file in it.
+def scale_rope(config, rope_scaling: tuple[str, float]) -> None:
+    """Stretch ``config``'s RoPE (in place) to ``factor`` times its trained context, for prompts beyond it:
+    rope_scaling = (kind, factor), kind in ROPE_SCALINGS (transformers' rope types of those names)."""
+    kind, factor = rope_scaling
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling kind must be one of {', '.join(ROPE_SCALINGS)}, got {kind!r}")
+    if not factor > 1.0:
+        raise ValueError(f"rope_scaling factor must be > 1, got {factor}")
+    original = config.max_position_embeddings
+    config.rope_parameters = {**config.rope_parameters, "rope_type": kind, "factor": float(factor),
+                              "original_max_position_embeddings": original}
+    config.max_position_embeddings = int(original * factor)
+
+
+def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
+               rope_scaling: tuple[str, float] | None = None):
+    """(model in eval mode on ``device``, tokenizer) from a local folder or hub id, optionally a GGUF file in it,
+    with its RoPE stretched by :func:`scale_rope` if ``rope_scaling`` is given.
 
     A local folder with only a config.json gets random weights (for speed and memory, e.g. an 8B-shaped
     model that is not on the machine) and tokenizer None unless the folder also holds tokenizer files.
@@ -43,15 +60,18 @@ def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: t
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(model, **extra)
+    if rope_scaling:
+        scale_rope(config, rope_scaling)
     if gguf_file or has_weights(model):
         tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra).to(device).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, **extra).to(device).eval()
         return loaded, tokenizer
     folder = Path(model)
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
     with torch.device(device):
-        loaded = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
+        loaded = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return loaded.eval(), tokenizer
 
 
