@@ -255,10 +255,17 @@ def test_offloading_keeps_outputs(llama, prompt):
     assert torch.equal(got, expected)
 
 
-def test_device_map_split_across_cuda_and_cpu(prompt):
-    """A model dispatched over CUDA and the CPU (what device_map="auto" does when the GPU is full): each layer's
-    compressed state lives on its keys' device, and the logits through the compressed past match the same model
-    on the CPU alone."""
+CUDA_CPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+
+
+@pytest.mark.parametrize("main_device, expected_devices", [
+    ("cpu", ["cuda", "cuda", "cpu", "cpu"]),  # layers 2-3 run on the CPU
+    (None, ["cuda"] * 4),  # device_map="auto" on a full GPU: "cpu" layers are offloaded, they still run on CUDA
+])
+def test_device_map_split_across_cuda_and_cpu(prompt, main_device, expected_devices):
+    """A model dispatched over CUDA and the CPU by accelerate (what device_map= does): each layer's compressed
+    state lives on its keys' device, and the logits through the compressed past match the model on the CPU alone."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device beside the CPU")
     from accelerate import dispatch_model
@@ -272,14 +279,11 @@ def test_device_map_split_across_cuda_and_cpu(prompt):
         return model(second.to(device), past_key_values=cache).logits.float().cpu()
 
     expected = logits(copy.deepcopy(model), TurboQuantCache(bits=4, residual_length=0))
-    split = dispatch_model(model, device_map={
-        "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
-        "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"})
+    split = dispatch_model(model, device_map=CUDA_CPU_MAP, main_device=main_device)
     cache = TurboQuantCache(bits=4, residual_length=0)
     got = logits(split, cache)
-    devices = [(layer.key_storage.norms.device.type, layer.value_storage.packed_indices.device.type)
-               for layer in cache.layers]
-    assert devices == [("cuda", "cuda")] * 2 + [("cpu", "cpu")] * 2
+    for layer, device in zip(cache.layers, expected_devices, strict=True):
+        assert layer.key_storage.norms.device.type == layer.value_storage.packed_indices.device.type == device
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     # And generation runs across the split, equal to DynamicCache when the window covers every token.
     ids = prompt.cuda()

@@ -13,6 +13,7 @@ after dequantizing the past into a transient tensor where there is one.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -41,8 +42,9 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     n_queries, kv_len = query.shape[2], keys.shape[2]
     allowed = None if attention_mask is None else attention_mask[..., :kv_len]
     if causal and n_queries > 1:
-        positions = torch.arange(kv_len, device=query.device)
-        allowed = positions <= (kv_len - n_queries + torch.arange(n_queries, device=query.device))[:, None]
+        # A bias object, not an (M, L) mask: with it SDPA keeps its fused GQA kernels and materializes nothing
+        # (an explicit mask cost 1 GiB and the same time at M=512, L=1M; 3.7x the time at M=L=8192, B=8; H200).
+        allowed = causal_lower_right(n_queries, kv_len)
     return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
                                                             enable_gqa=True)
 

@@ -38,7 +38,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .dequant import centroid_table, decode_packed, dot_fp16_rhs, fp16_field, load_packed
+from .dequant import centroid_table, decode_packed, fp16_field, load_packed
 from .encode import rotation_matrices, triton_unsupported
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
@@ -54,6 +54,19 @@ def _dot3(a, b, acc):
     acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), acc)
     acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc)
     return tl.dot(a_hi, b_hi, acc)
+
+
+@triton.jit
+def _split_fp16(a):
+    """fp32 a -> (hi, lo) fp16 with hi + lo = a to about 2^-22 relative. Needs |a| < 65504."""
+    hi = a.to(tl.float16)
+    return hi, (a - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _dot_split(a_hi, a_lo, b, acc):
+    """acc + (a_hi + a_lo) @ b: two fp16 tensor-core dots accumulated in fp32 (see _split_fp16)."""
+    return tl.dot(a_hi, b, tl.dot(a_lo, b, acc))
 
 
 @triton.jit
@@ -91,11 +104,15 @@ def _softmax_step(logits, row_max, row_sum):
 @triton.jit
 def _gather(words, table_ptr, BITS: tl.constexpr, PHASES: tl.constexpr):
     """Packed words of a tile (load_packed) -> what _phase slices: the (N, D) fp16 centroids when PHASES == 1, else
-    the centroid_table entry of each byte (the fp16 centroids of its PHASES indices side by side)."""
+    the centroid_table entry of each byte (the fp16 centroids of its PHASES indices side by side). The 256-entry
+    table is looked up with tl.gather, which stages it in shared memory: random reads there cost fewer cycles
+    than gathers through L1 (the whole kernel ran 9% faster on an H200)."""
     if PHASES == 1:
         gathered = decode_packed(words, table_ptr, BITS)
     else:
-        gathered = tl.load(table_ptr + words.to(tl.int32))
+        table = tl.load(table_ptr + tl.arange(0, 256))
+        flat = tl.reshape(words.to(tl.int32), (words.shape[0] * words.shape[1],))
+        gathered = tl.reshape(tl.gather(table, flat, 0), (words.shape[0], words.shape[1]))
     return gathered
 
 
@@ -210,6 +227,16 @@ def _split_kernel(
         v_rows = v_packed_ptr + b * stride_vpb + h * stride_vph
         k_norms = k_norms_ptr + b * stride_knb + h * stride_knh
         v_norms = v_norms_ptr + b * stride_vnb + h * stride_vnh
+        # The scaled rotated query, phase by phase, split into fp16 hi + lo once (loop-invariant).
+        q_hi0, q_lo0 = _split_fp16(tl.load(q_rot_rows[:, None] + k_columns[None, :]))
+        q_hi1, q_lo1 = q_hi0, q_lo0
+        q_hi2, q_lo2 = q_hi0, q_lo0
+        q_hi3, q_lo3 = q_hi0, q_lo0
+        if K_PHASES > 1:
+            q_hi1, q_lo1 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 1)[None, :]))
+        if K_PHASES > 2:
+            q_hi2, q_lo2 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 2)[None, :]))
+            q_hi3, q_lo3 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 3)[None, :]))
         start = split * split_len
         stop = tl.minimum(start + split_len, compressed_len)
         for n0 in range(start, stop, BLOCK_N):
@@ -221,21 +248,24 @@ def _split_kernel(
             key_norms = tl.load(k_norms + pos64 * stride_knn, mask=kv_valid, other=0.0)
             value_norms = tl.load(v_norms + pos64 * stride_vnn, mask=kv_valid, other=0.0)
             key_entries = _gather(k_words, k_table_ptr, K_BITS, K_PHASES)
-            scores = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-            for j in tl.static_range(K_PHASES):
-                q_phase = tl.load(q_rot_rows[:, None] + (k_columns + j)[None, :])  # L1-resident, scaled q R^T
-                scores = dot_fp16_rhs(q_phase, tl.trans(_phase(key_entries, j, K_PHASES)), scores)
+            scores = _dot_split(q_hi0, q_lo0, tl.trans(_phase(key_entries, 0, K_PHASES)),
+                                tl.zeros((BLOCK_R, BLOCK_N), tl.float32))
+            if K_PHASES > 1:
+                scores = _dot_split(q_hi1, q_lo1, tl.trans(_phase(key_entries, 1, K_PHASES)), scores)
+            if K_PHASES > 2:
+                scores = _dot_split(q_hi2, q_lo2, tl.trans(_phase(key_entries, 2, K_PHASES)), scores)
+                scores = _dot_split(q_hi3, q_lo3, tl.trans(_phase(key_entries, 3, K_PHASES)), scores)
             logits = _masked_logits(scores * key_norms[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
                                     stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
             weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
-            weights = weights * value_norms[None, :]
+            w_hi, w_lo = _split_fp16(weights * value_norms[None, :])
             value_entries = _gather(v_words, v_table_ptr, V_BITS, V_PHASES)
-            acc0 = dot_fp16_rhs(weights, _phase(value_entries, 0, V_PHASES), acc0 * alpha[:, None])
+            acc0 = _dot_split(w_hi, w_lo, _phase(value_entries, 0, V_PHASES), acc0 * alpha[:, None])
             if V_PHASES > 1:
-                acc1 = dot_fp16_rhs(weights, _phase(value_entries, 1, V_PHASES), acc1 * alpha[:, None])
+                acc1 = _dot_split(w_hi, w_lo, _phase(value_entries, 1, V_PHASES), acc1 * alpha[:, None])
             if V_PHASES > 2:
-                acc2 = dot_fp16_rhs(weights, _phase(value_entries, 2, V_PHASES), acc2 * alpha[:, None])
-                acc3 = dot_fp16_rhs(weights, _phase(value_entries, 3, V_PHASES), acc3 * alpha[:, None])
+                acc2 = _dot_split(w_hi, w_lo, _phase(value_entries, 2, V_PHASES), acc2 * alpha[:, None])
+                acc3 = _dot_split(w_hi, w_lo, _phase(value_entries, 3, V_PHASES), acc3 * alpha[:, None])
         # Padding rows (r >= group * M) are never stored nor read back: partial traffic scales with real rows.
         out_rows = part_out_ptr + slot_rows[:, None] * HEAD_DIM + v_columns[None, :]
         tl.store(out_rows, acc0, mask=row_valid[:, None])

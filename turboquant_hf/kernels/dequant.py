@@ -121,15 +121,6 @@ def decode_packed(words, table_ptr, BITS: tl.constexpr):
     return centroids
 
 
-@triton.jit
-def dot_fp16_rhs(a, b, acc):
-    """acc + a @ b for fp32 a (M, K) and fp16 b (K, N), about fp32-accurate: a = hi + lo (fp16 each), two
-    fp16 tensor-core dots accumulated in fp32. Needs |a| < 65504."""
-    a_hi = a.to(tl.float16)
-    acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b, acc)
-    return tl.dot(a_hi, b, acc)
-
-
 @triton.jit(do_not_specialize=["n_tokens"])
 def _dequant_kernel(
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
