@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -180,7 +181,7 @@ def main() -> None:
         sys.exit("bench_generate.py needs a CUDA GPU")
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
                "turboquant_hf": turboquant_hf.__version__, "python": platform.python_version(),
-               "command": " ".join(sys.argv)}
+               "command": " ".join(sys.argv), "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     print(json.dumps(machine))
     model = build_model(args.layers)
     rows = []
