@@ -19,9 +19,10 @@ mkdir -p "$OUT"
 MODEL_DIR=$("$PYTHON" -c "from turboquant_hf.models import smollm2_gguf_path; print(smollm2_gguf_path().parent)")
 MODEL=(--model "$MODEL_DIR" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --device cpu --dtype float32)
 TEXTS=turboquant_hf/eval/texts
-PPL_CACHES=dynamic,tq4,tq3,tq2,tq4-qjl,tq3-qjl,k4v3,k4v2,k2v4,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32,tq3:residual=128
+PPL_CACHES=dynamic,tq4,tq3,tq2,tq4:norms=raw,tq3:norms=raw,tq2:norms=raw,tq4-qjl,tq3-qjl,k4v3,k4v2,k2v4,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32,tq3:residual=128
+# norms=raw: the paper's MSE reconstruction, without norm correction (what the default buys).
 # The residual=32 rows compare TurboQuant and the baselines with the same dense window of recent tokens.
-GENERATE_CACHES=dynamic,tq4,tq3,tq2,tq4-qjl,tq3-qjl,k4v3,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32
+GENERATE_CACHES=dynamic,tq4,tq3,tq2,tq4:norms=raw,tq4-qjl,tq3-qjl,k4v3,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32
 
 run_text() {  # name, text file
     # 2049 tokens: every update leaves 256 + 64k tokens in the cache. HQQ's bit packing needs

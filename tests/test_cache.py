@@ -384,9 +384,26 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         TurboQuantCache(**kwargs)
 
 
-def test_qjl_must_be_bool():
+def test_qjl_and_norm_correction_must_be_bool():
     with pytest.raises(TypeError, match="qjl must be a bool"):
         TurboQuantCache(qjl="yes")
+    with pytest.raises(TypeError, match="norm_correction must be a bool"):
+        TurboQuantCache(norm_correction=None)
+
+
+@pytest.mark.parametrize("norm_correction, qjl", [(True, False), (False, False), (True, True)])
+def test_norm_correction_reaches_the_quantizers(norm_correction, qjl):
+    """Keys and values are norm-corrected unless asked not to; QJL keys never are (their estimator needs ||x||)."""
+    cache = TurboQuantCache(bits=4, qjl=qjl, residual_length=0, norm_correction=norm_correction)
+    keys, values = random_states(tokens=5, seed=6)
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    assert layer.key_quantizer.norm_correction is (norm_correction and not qjl)
+    assert layer.value_quantizer.norm_correction is norm_correction
+    # The stored scales are ||x|| / ||c[i]|| (or ||x||): dequantized values keep their inputs' length exactly.
+    restored = layer.value_quantizer.dequantize(layer.compressed_values, torch.float64)
+    ratio = restored.norm(dim=-1) / values.double().norm(dim=-1)
+    assert torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-5) is norm_correction
 
 
 def test_cache_reused_across_models_of_different_shapes(prompt):

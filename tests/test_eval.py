@@ -127,6 +127,7 @@ def test_lengths_are_checked(model, input_ids):
     ("k4v2", CacheSpec("turboquant", 4, 2)),
     ("k3v4-qjl:residual=32", CacheSpec("turboquant", 3, 4, qjl=True, residual=32)),
     ("tq2:residual=128:seed=3:rotation=dense", CacheSpec("turboquant", 2, 2, residual=128, seed=3, rotation="dense")),
+    ("tq4:norms=raw", CacheSpec("turboquant", 4, 4, norms="raw")),
     ("fp8", CacheSpec("fp8")),
     ("quanto-int2", CacheSpec("quanto", 2, 2)),
     ("hqq-int4:residual=64", CacheSpec("hqq", 4, 4, residual=64)),
@@ -142,6 +143,8 @@ def test_spec_labels():
     assert parse_cache_spec("tq3:residual=0").label == "tq3"  # residual 0 is the default
     assert parse_cache_spec("k3v3").label == "tq3"
     assert parse_cache_spec("tq3:residual=128").label == "tq3:residual=128"
+    assert parse_cache_spec("tq3:norms=corrected").label == "tq3"  # the default
+    assert parse_cache_spec("tq3:norms=raw").label == "tq3:norms=raw"
     assert [s.label for s in parse_cache_specs("tq4, dynamic,tq4")] == ["tq4", "dynamic"]
 
 
@@ -157,6 +160,8 @@ def test_spec_labels():
     ("fp8:residual=4", "no residual window"),
     ("quanto-int4:seed=1", "TurboQuant specs only"),
     ("tq3:rotation=random", "rotation must be one of"),
+    ("tq3:norms=exact", "norms must be one of"),
+    ("hqq-int4:norms=raw", "TurboQuant specs only"),
 ])
 def test_spec_errors_name_the_allowed_values(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -175,6 +180,10 @@ def test_make_cache_builds_each_family(model):
     pytest.importorskip("turboquant_hf.cache")
     cache = make_cache(parse_cache_spec("k4v2-qjl:residual=16"), model.config)
     assert (cache.key_bits, cache.value_bits, cache.qjl, cache.residual_length) == (4, 2, True, 16)
+    for text, corrected in (("tq4", True), ("tq4:norms=raw", False)):
+        cache = make_cache(parse_cache_spec(text), model.config)
+        model(torch.ones(1, 4, dtype=torch.long), past_key_values=cache)
+        assert cache.layers[0].value_quantizer.norm_correction is corrected
 
 
 def test_missing_backend_message(monkeypatch):

@@ -160,17 +160,22 @@ def test_backend_for(monkeypatch):
 
 def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: torch.Tensor,
                     quantizer: TurboQuantizer, start: int) -> None:
-    """Norms to 1e-6 relative; indices equal except (< 0.1% of them) within 1e-5/sqrt(D) of a boundary;
-    slots outside [start, start + n) untouched."""
+    """Indices equal except (< 0.1% of them) within 1e-5/sqrt(D) of a boundary; stored scales within 1e-6 of
+    float64 ||x|| (/ ||c[i]|| of the kernel's own indices, with norm correction); slots outside [start, start + n)
+    untouched."""
     stop = start + x.shape[2]
     window = slice(start, stop)
     for name in ("packed_indices", "norms"):
         got, want = getattr(storage, name), getattr(reference, name)
         assert torch.equal(got[:, :, :start], want[:, :, :start]) and torch.equal(got[:, :, stop:], want[:, :, stop:])
-    norms, expected_norms = storage.norms[:, :, window], reference.norms[:, :, window]
-    assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms).all()
     got = unpack(storage.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
     want = unpack(reference.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
+    expected_norms = x.double().norm(dim=-1)
+    if quantizer.norm_correction:
+        centroids = quantizer.state(got.device)[1].double()
+        expected_norms = expected_norms / centroids[got.long()].norm(dim=-1)
+    norms = storage.norms[:, :, window].double()
+    assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms).all()
     mismatch = got != want
     assert mismatch.float().mean().item() < 1e-3
     if mismatch.any():
@@ -180,18 +185,19 @@ def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: tor
 
 @small
 @pytest.mark.parametrize(
-    "bits, dim, dtype, rotation",
+    "bits, dim, dtype, rotation, norm_correction",
     [
-        (4, 128, torch.float32, "hadamard"),
-        (3, 128, torch.bfloat16, "hadamard"),
-        (2, 64, torch.float16, "hadamard"),
-        (3, 64, torch.float32, "dense"),
-        (1, 64, torch.float32, "hadamard"),
-        (8, 64, torch.bfloat16, "hadamard"),
+        (4, 128, torch.float32, "hadamard", True),
+        (4, 128, torch.float32, "hadamard", False),
+        (3, 128, torch.bfloat16, "hadamard", True),
+        (2, 64, torch.float16, "hadamard", False),
+        (3, 64, torch.float32, "dense", True),
+        (1, 64, torch.float32, "hadamard", True),
+        (8, 64, torch.bfloat16, "hadamard", True),
     ],
 )
-def test_encode_matches_torch(bits, dim, dtype, rotation):
-    quantizer = TurboQuantizer(dim, bits, rotation=rotation, seed=3)
+def test_encode_matches_torch(bits, dim, dtype, rotation, norm_correction):
+    quantizer = TurboQuantizer(dim, bits, rotation=rotation, seed=3, norm_correction=norm_correction)
     x = _randn(2, 2, 37, dim, seed=bits * dim, dtype=dtype)
     x[0, 1, 5] = 0  # a zero vector: norm 0, indices of y = 0
     reference = _sentinel_storage(quantizer, 2, 2, 50)

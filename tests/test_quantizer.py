@@ -27,6 +27,20 @@ def assert_mean_close(samples, target, rel):
     assert abs(mean - target) < rel * target, f"mean {mean:.6g} vs expected {target:.6g} (+-{stderr:.2g})"
 
 
+def expected_mse(dim: int, bits: int, norm_correction: bool = True) -> float:
+    """E ||x - x~||^2 / ||x||^2 from the math alone, in float64: the codebook's distortion D for the MSE
+    reconstruction; with norm correction, a Monte Carlo mean over 40000 points y uniform on the sphere (any rotation
+    of such a point is another) of ||y - c / ||c|| ||^2, c = the centroid nearest to each coordinate of y."""
+    if not norm_correction:
+        return codebook_distortion(dim, bits)
+    generator = torch.Generator().manual_seed(1000 + dim + bits)
+    y = torch.randn(40000, dim, generator=generator, dtype=torch.float64)
+    y = y / y.norm(dim=-1, keepdim=True)
+    centroids = codebook(dim, bits)[0].half().double()  # TurboQuantizer's fp16-rounded codebook
+    c = centroids[torch.bucketize(y, (centroids[1:] + centroids[:-1]) / 2)]
+    return ((y - c / c.norm(dim=-1, keepdim=True)) ** 2).sum(-1).mean().item()
+
+
 def all_tensors_equal(a: QuantizedTensor, b: QuantizedTensor) -> bool:
     return len(a.tensors()) == len(b.tensors()) and all(torch.equal(s, t) for s, t in zip(a.tensors(), b.tensors()))
 
@@ -37,8 +51,11 @@ def all_tensors_equal(a: QuantizedTensor, b: QuantizedTensor) -> bool:
 @pytest.mark.parametrize("bits", (1, 2, 3, 4))
 @pytest.mark.parametrize("dim", (64, 96, 128, 256))
 @pytest.mark.parametrize("random_norms", (False, True), ids=("unit", "random-norm"))
-def test_mse_matches_codebook_distortion(dim, bits, random_norms, generator):
-    """Mean ||x - x~||^2 / ||x||^2 over 20000 random vectors is within 3% of codebook_distortion.
+@pytest.mark.parametrize("norm_correction", (False, True), ids=("raw", "corrected"))
+def test_mse_matches_codebook_distortion(dim, bits, random_norms, norm_correction, generator):
+    """Mean ||x - x~||^2 / ||x||^2 over 20000 random vectors is within 3% of codebook_distortion (raw norms,
+    the paper's quantizer) or of the float64 norm-corrected reference (expected_mse); corrected reconstructions
+    keep each vector's length. (Correction lowers the MSE at 3-4 bits, the norm being known, and raises it at 1.)
 
     The standard error is at most ~0.25% of the target at these sizes, so 3% is > 10 standard errors.
     dim=96 exercises the dense fallback rotation.
@@ -46,9 +63,15 @@ def test_mse_matches_codebook_distortion(dim, bits, random_norms, generator):
     x = unit_vectors(20000, dim, generator)
     if random_norms:
         x = x * torch.exp(torch.empty(20000, 1).uniform_(-5, 5, generator=generator))
-    quantizer = TurboQuantizer(dim, bits, seed=1)
-    error = ((x.double() - quantizer.dequantize(quantizer.quantize(x)).double()) ** 2).sum(-1)
-    assert_mean_close(error / (x.double() ** 2).sum(-1), codebook_distortion(dim, bits), rel=0.03)
+    quantizer = TurboQuantizer(dim, bits, seed=1, norm_correction=norm_correction)
+    restored = quantizer.dequantize(quantizer.quantize(x)).double()
+    error = ((x.double() - restored) ** 2).sum(-1)
+    assert_mean_close(error / (x.double() ** 2).sum(-1), expected_mse(dim, bits, norm_correction), rel=0.03)
+    lengths = restored.norm(dim=-1) / x.double().norm(dim=-1)
+    if norm_correction:
+        assert torch.allclose(lengths, torch.ones_like(lengths), rtol=1e-5, atol=0)
+    else:  # the MSE reconstruction is shorter on average: E ||c[i]||^2 = 1 - D (Lloyd-Max's centroid condition)
+        assert abs((lengths**2).mean().item() - (1 - codebook_distortion(dim, bits))) < 0.01
 
 
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
@@ -86,10 +109,10 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def _inner_product_estimates(dim, bits, qjl, key, query, seeds=400):
+def _inner_product_estimates(dim, bits, qjl, key, query, seeds=400, norm_correction=None):
     estimates = []
     for seed in range(seeds):
-        quantizer = TurboQuantizer(dim, bits, qjl=qjl, seed=seed)
+        quantizer = TurboQuantizer(dim, bits, qjl=qjl, seed=seed, norm_correction=norm_correction)
         estimates.append(quantizer.inner_product(query[None], quantizer.quantize(key[None]))[0, 0].item())
     return torch.tensor(estimates, dtype=torch.float64)
 
@@ -129,7 +152,7 @@ def test_mse_only_inner_product_is_biased(key_and_query, single_thread):
     """The same test rejects the MSE-only estimator (3 bits, as QJL's MSE stage at 4 bits): it shrinks."""
     dim, bits = 128, 4
     key, query, exact = key_and_query(dim)
-    estimates = _inner_product_estimates(dim, bits - 1, False, key, query)
+    estimates = _inner_product_estimates(dim, bits - 1, False, key, query, norm_correction=False)
     assert _z_score(estimates, exact) < -4
 
 
@@ -180,7 +203,7 @@ def test_input_dtypes(dtype, generator):
     assert quantizer.dequantize(q, torch.float64).dtype == torch.float64
     x64 = x.double()
     error = ((x64 - restored.double()) ** 2).sum(-1) / (x64**2).sum(-1)
-    assert_mean_close(error, codebook_distortion(128, 4), rel=0.03)
+    assert_mean_close(error, expected_mse(128, 4), rel=0.03)
 
 
 @pytest.mark.parametrize("bits, qjl", CONFIGS)
@@ -211,7 +234,7 @@ def test_huge_norm_vectors(bits, dtype, generator):
     assert restored.dtype == dtype and torch.isfinite(restored).all()
     x64 = x.double()
     error = ((x64 - restored.double()) ** 2).sum(-1) / (x64**2).sum(-1)
-    assert_mean_close(error, codebook_distortion(128, bits), rel=0.03)
+    assert_mean_close(error, expected_mse(128, bits), rel=0.03)
 
 
 @pytest.mark.parametrize("bits, qjl", CONFIGS)
@@ -379,6 +402,12 @@ def test_other_bad_constructor_args():
             TurboQuantizer(64, 4, seed=seed)
     with pytest.raises(ValueError, match="rotation"):
         TurboQuantizer(64, 4, rotation="givens")
+    with pytest.raises(TypeError, match="norm_correction"):
+        TurboQuantizer(64, 4, norm_correction=1)
+    with pytest.raises(ValueError, match="norm_correction=True cannot be combined with qjl"):
+        TurboQuantizer(64, 4, qjl=True, norm_correction=True)
+    assert TurboQuantizer(64, 4, qjl=True).norm_correction is False  # the default follows qjl
+    assert TurboQuantizer(64, 4).norm_correction is True
 
 
 @pytest.mark.parametrize("dtype", (torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64))

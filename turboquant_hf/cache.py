@@ -71,9 +71,9 @@ def dense_states(storage: QuantizedTensor | None, quantizer: TurboQuantizer | No
 
 
 @functools.lru_cache(maxsize=None)
-def _quantizer(dim: int, bits: int, qjl: bool, rotation: str, seed: int) -> TurboQuantizer:
+def _quantizer(dim: int, bits: int, qjl: bool, rotation: str, seed: int, norm_correction: bool) -> TurboQuantizer:
     """One shared quantizer (codebook + rotation state) per configuration, for every layer."""
-    return TurboQuantizer(dim, bits, qjl=qjl, rotation=rotation, seed=seed)
+    return TurboQuantizer(dim, bits, qjl=qjl, rotation=rotation, seed=seed, norm_correction=norm_correction)
 
 
 def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -87,16 +87,17 @@ class TurboQuantLayer(DynamicLayer):
         key_bits, value_bits: bits per coordinate (1, 2, 3, 4 or 8).
         qjl: spend one of the key bits on the QJL residual stage (unbiased scores); values stay MSE.
         residual_length: newest tokens kept in full precision (0 = compress everything).
-        rotation, seed: see ``TurboQuantizer``.
+        rotation, seed, norm_correction: see ``TurboQuantizer`` (QJL keys never take norm correction).
     """
 
     is_croppable = True
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, *, qjl: bool = False, residual_length: int = 128,
-                 rotation: str = "hadamard", seed: int = 0):
+                 rotation: str = "hadamard", seed: int = 0, norm_correction: bool = True):
         super().__init__()
         self.key_bits, self.value_bits = key_bits, value_bits
         self.qjl = qjl
+        self.norm_correction = norm_correction
         self.residual_length = residual_length
         self.rotation, self.seed = rotation, seed
         self.key_quantizer: TurboQuantizer | None = None
@@ -118,8 +119,10 @@ class TurboQuantLayer(DynamicLayer):
             )
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self.key_quantizer = _quantizer(head_dim, self.key_bits, self.qjl, self.rotation, self.seed)
-        self.value_quantizer = _quantizer(value_states.shape[-1], self.value_bits, False, self.rotation, self.seed)
+        self.key_quantizer = _quantizer(head_dim, self.key_bits, self.qjl, self.rotation, self.seed,
+                                        self.norm_correction and not self.qjl)
+        self.value_quantizer = _quantizer(value_states.shape[-1], self.value_bits, False, self.rotation, self.seed,
+                                          self.norm_correction)
         batch, heads = key_states.shape[:2]
         self.key_storage = self._empty_storage(self.key_quantizer, batch, heads, 0)
         self.value_storage = self._empty_storage(self.value_quantizer, batch, heads, 0)
@@ -300,6 +303,8 @@ class TurboQuantCache(Cache):
         qjl: QJL residual stage on the keys (one of the key bits; needs key bits >= 2).
         residual_length: newest tokens kept in full precision per layer (0 = compress everything).
         rotation: "hadamard" (default) or "dense"; seed: the rotation / projection seed.
+        norm_correction: rescale each reconstruction to its input's length (default; see ``TurboQuantizer``;
+            not applied to QJL keys). False gives the paper's MSE quantizer.
         config: the model config. With it, sliding-window layers (Mistral, Gemma2/3, Qwen2 with
             use_sliding_window) keep only their window, uncompressed, as transformers'
             ``DynamicSlidingWindowLayer`` (the window is small; compressing it saves little), and
@@ -311,7 +316,7 @@ class TurboQuantCache(Cache):
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
                  qjl: bool = False, residual_length: int = 128, rotation: str = "hadamard", seed: int = 0,
-                 config=None, offloading: bool = False):
+                 norm_correction: bool = True, config=None, offloading: bool = False):
         _check_bits("bits", bits)
         key_bits = bits if key_bits is None else key_bits
         value_bits = bits if value_bits is None else value_bits
@@ -327,11 +332,13 @@ class TurboQuantCache(Cache):
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if not isinstance(norm_correction, bool):
+            raise TypeError(f"norm_correction must be a bool, got {type(norm_correction).__name__}")
         self.key_bits, self.value_bits, self.qjl = key_bits, value_bits, qjl
         self.residual_length = residual_length
         make_layer = functools.partial(
             TurboQuantLayer, key_bits, value_bits, qjl=qjl, residual_length=residual_length,
-            rotation=rotation, seed=seed,
+            rotation=rotation, seed=seed, norm_correction=norm_correction,
         )
         if config is None:
             super().__init__(layer_class_to_replicate=make_layer, offloading=offloading)

@@ -12,6 +12,8 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
              | hqq-int<b>               QuantizedCache(backend="hqq", nbits=b, axis 1), b in 1, 2, 3, 4, 8
     OPTION  := residual=<N>             newest N tokens kept in full precision (default 0)
              | seed=<N> | rotation=hadamard|dense        TurboQuant only
+             | norms=corrected|raw      TurboQuant only: raw = the paper's MSE reconstruction, without
+                                        norm correction (see TurboQuantizer)
 
 Every quantized spec compresses every token unless it says ``residual=N``: the figures then measure
 the compression of everything, for TurboQuant and the baselines alike. Example: ``tq3:residual=128``.
@@ -50,7 +52,9 @@ ALLOWED_NAMES = (
     f"dynamic, tq{_bits_set(SUPPORTED_BITS)}, tq{_bits_set(QJL_BITS)}-qjl, k<bits>v<bits>[-qjl] (e.g. k4v2), "
     f"fp8, quanto-int{_bits_set(QUANTO_BITS)}, hqq-int{_bits_set(HQQ_BITS)}"
 )
-ALLOWED_OPTIONS = f"residual=N (N >= 0); TurboQuant only: seed=N (N >= 0), rotation={'|'.join(ROTATIONS)}"
+NORMS = ("corrected", "raw")
+ALLOWED_OPTIONS = (f"residual=N (N >= 0); TurboQuant only: seed=N (N >= 0), rotation={'|'.join(ROTATIONS)}, "
+                   f"norms={'|'.join(NORMS)}")
 SPEC_HELP = f"names: {ALLOWED_NAMES}; options after ':' : {ALLOWED_OPTIONS}"
 
 
@@ -65,6 +69,7 @@ class CacheSpec:
     residual: int = 0
     seed: int = 0
     rotation: str = "hadamard"
+    norms: str = "corrected"
 
     @property
     def name(self) -> str:
@@ -89,6 +94,8 @@ class CacheSpec:
             options.append(f"seed={self.seed}")
         if self.rotation != "hadamard":
             options.append(f"rotation={self.rotation}")
+        if self.norms != "corrected":
+            options.append(f"norms={self.norms}")
         return ":".join([self.name, *options])
 
     def describe(self) -> dict:
@@ -132,7 +139,7 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
     key, sep, value = option.partition("=")
     if not sep or not value:
         raise ValueError(f"{spec!r}: option {option!r} is not key=value; allowed options: {ALLOWED_OPTIONS}")
-    if key in fields and key in ("residual", "seed", "rotation"):
+    if key in fields and key in ("residual", "seed", "rotation", "norms"):
         raise ValueError(f"{spec!r}: option {key!r} given twice")
     if key in ("residual", "seed"):
         if not value.isdigit():
@@ -145,9 +152,13 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         if value not in ROTATIONS:
             raise ValueError(f"{spec!r}: rotation must be one of {ROTATIONS}, got {value!r}")
         fields[key] = value
+    elif key == "norms":
+        if value not in NORMS:
+            raise ValueError(f"{spec!r}: norms must be one of {NORMS}, got {value!r}")
+        fields[key] = value
     else:
         raise ValueError(f"{spec!r}: unknown option {key!r}; allowed options: {ALLOWED_OPTIONS}")
-    if key in ("seed", "rotation") and fields["family"] != "turboquant":
+    if key in ("seed", "rotation", "norms") and fields["family"] != "turboquant":
         raise ValueError(f"{spec!r}: {key}= applies to TurboQuant specs only (tq*, k*v*)")
 
 
@@ -191,7 +202,8 @@ def make_cache(spec: CacheSpec, config):
         from .. import TurboQuantCache
 
         return TurboQuantCache(key_bits=spec.key_bits, value_bits=spec.value_bits, qjl=spec.qjl,
-                               residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed, config=config)
+                               residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed,
+                               norm_correction=spec.norms == "corrected", config=config)
     message = missing_backend(spec)
     if message:
         raise ImportError(message)

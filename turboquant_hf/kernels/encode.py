@@ -2,8 +2,8 @@
 
 The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm, rotation as a matmul with R^T (fp32, IEEE, so
 it differs from the torch fast Walsh-Hadamard only by fp32 rounding), index = number of boundaries < y
-(a binary search; ties go to the lower centroid like ``torch.bucketize``) and the bit layout of
-``packing.py``. QJL quantizers use the torch twin.
+(a binary search; ties go to the lower centroid like ``torch.bucketize``), the bit layout of ``packing.py``,
+and the stored scale ||x|| / ||c[i]|| (norm correction) or ||x||. QJL quantizers use the torch twin.
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def row_block(heads, n_tokens, BLOCK_M: tl.constexpr):
 @triton.jit(do_not_specialize=["n_tokens", "start"])
 def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
-    rot_t_ptr, boundaries_ptr,
+    rot_t_ptr, boundaries_ptr, centroids_ptr,
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
     norms_ptr, stride_nb, stride_nh, stride_nn,
     heads, n_tokens, start,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr,
 ):
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
@@ -76,7 +77,7 @@ def _encode_kernel(
     divisor = tl.where(norms > 0, norms, 1.0)
 
     slot = start + rows.to(tl.int64)
-    tl.store(norms_ptr + b * stride_nb + h * stride_nh + slot * stride_nn, norms, mask=row_valid)
+    centroid_sq = tl.zeros((BLOCK_M,), tl.float32)  # ||c[i]||^2, summed column block by column block
     packed_rows = packed_ptr + b * stride_pb + h * stride_ph + slot * stride_pn
     cols = tl.arange(0, BLOCK_COL)
     PER_BYTE: tl.constexpr = 8 // BITS  # indices per byte (unused at 3 bits: those pack by 3-byte groups)
@@ -95,6 +96,9 @@ def _encode_kernel(
             candidate = indices + (1 << (BITS - 1 - level))
             boundary = tl.load(boundaries_ptr + candidate - 1)
             indices = tl.where((boundary < rotated) | (rotated != rotated), candidate, indices)
+        if NORM_CORRECTION:
+            centroids = tl.load(centroids_ptr + indices)
+            centroid_sq += tl.sum(centroids * centroids, axis=1)
         byte0 = col0 * BITS // 8
         if BITS == 3:
             # 8 indices -> a 24-bit word -> 3 little-endian bytes.
@@ -109,6 +113,9 @@ def _encode_kernel(
             packed = tl.sum(fields << (tl.arange(0, PER_BYTE) * BITS)[None, None, :], axis=2)
             byte_ptrs = packed_rows[:, None] + (byte0 + tl.arange(0, BLOCK_COL // PER_BYTE))[None, :] * stride_pbyte
             tl.store(byte_ptrs, packed.to(tl.uint8), mask=row_valid[:, None])
+    if NORM_CORRECTION:
+        norms = norms / tl.sqrt(centroid_sq)
+    tl.store(norms_ptr + b * stride_nb + h * stride_nh + slot * stride_nn, norms, mask=row_valid)
 
 
 def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
@@ -151,18 +158,18 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     if n_tokens == 0:
         return None
     _, rot_t = rotation_matrices(quantizer, x.device)
-    boundaries = quantizer.state(x.device)[2]
+    centroids, boundaries = quantizer.state(x.device)[1:3]
     packed, norms = storage.packed_indices, storage.norms
     block_m = 32 if x.device.type == "cuda" else 16
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
-        rot_t, boundaries,
+        rot_t, boundaries, centroids,
         packed, *packed.stride(),
         norms, *norms.stride(),
         heads, n_tokens, start,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, dim),
-        num_warps=4,
+        NORM_CORRECTION=quantizer.norm_correction, num_warps=4,
     )
     return None
 
