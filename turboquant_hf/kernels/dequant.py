@@ -28,6 +28,8 @@ from .encode import rotation_matrices, row_block, triton_unsupported
 # of R from L2, so larger blocks cut that traffic).
 _BLOCK_K = 32
 _BLOCK_M_CUDA = 64
+# Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
+_TORCH_SLICE_VECTORS = 1 << 14
 # bits -> (coordinates per table entry, packed bits per table index).
 _TABLE_LAYOUT = {1: (4, 4), 2: (4, 8), 3: (2, 6), 4: (2, 8), 8: (1, 8)}
 _ENTRY_DTYPE = {1: torch.float16, 2: torch.int32, 4: torch.int64}
@@ -165,7 +167,12 @@ def dequantize_into_torch(q: QuantizedTensor, quantizer: TurboQuantizer, out: to
     out: (batch, heads, n, dim) fp16/bf16/fp32, written in place.
     """
     _check(q, quantizer, out)
-    out.copy_(quantizer.dequantize(q, out.dtype))
+    # In token slices of about _TORCH_SLICE_VECTORS vectors: the reference's int64 indices and fp32 temporaries
+    # take ~25x the output's bytes, which would make a long layer's transient past cost gigabytes.
+    batch, heads, n_tokens = q.norms.shape
+    step = max(1, _TORCH_SLICE_VECTORS // max(1, batch * heads))
+    for start in range(0, n_tokens, step):
+        out[:, :, start:start + step].copy_(quantizer.dequantize(q[:, :, start:start + step], out.dtype))
 
 
 def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
