@@ -348,7 +348,7 @@ estimate is centred on the true value (its mean is zero up to the sampling error
 error) but spreads much wider. In attention the spread matters more than a small uniform shrinkage:
 `03_quality_and_memory.ipynb` measures them in perplexity (`tq4` vs `tq4-qjl`), and
 `benchmarks/RESULTS.md` has `tq4` with and without norm correction (`tq4:norms=raw`): a shrunken key
-lowers its logit, which flattens the softmax, and restoring the length cut the 4-bit loss by about a third."""),
+lowers its logit, which flattens the softmax, and restoring the length cut the 4-bit loss by 30-45 %."""),
 ]
 
 QUALITY = [

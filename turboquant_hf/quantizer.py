@@ -11,7 +11,7 @@ For x in R^dim (a row of any (..., dim) tensor), with R the seeded rotation, c t
 Norm correction: the Lloyd-Max reconstruction c[i] is shorter than the unit vector it stands for on average
 (E ||c[i]||^2 = 1 - MSE), which shrinks attention logits q.k~ towards 0 and flattens the softmax. Rescaling to
 the true length changes the MSE by -1.8 % (4 bits, dim 128: the length is known information) to +11 % (1 bit),
-and cut SmolLM2's perplexity loss through the cache by about a third at 4 bits (benchmarks/RESULTS.md).
+and cut SmolLM2's perplexity loss through the cache by 30-45 % at 4 bits (benchmarks/RESULTS.md).
 
 QJL (``qjl=True``, ``bits`` is the total budget; the MSE stage gets bits - 1): with r = y - c[i] and a
 seeded Gaussian S (dim x dim), store sign(S r) (1 bit each, ``S r >= 0`` -> +1) and ||r|| in float32.
