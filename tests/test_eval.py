@@ -398,6 +398,13 @@ def test_scale_rope_stretches_the_trained_context(kind):
         torch.testing.assert_close(scaled, original / 4.0)
     elif kind == "yarn":  # the fastest frequency is kept, the slowest divided by the factor
         assert torch.isclose(scaled[0], original[0]) and torch.isclose(scaled[-1], original[-1] / 4.0)
+    # Per-layer-type RoPE (Gemma3: sliding and full layers): each layer type is stretched.
+    from transformers import Gemma3TextConfig
+
+    gemma = Gemma3TextConfig(max_position_embeddings=1024)
+    scale_rope(gemma, (kind, 4.0))
+    assert {name: (p["rope_type"], p["factor"]) for name, p in gemma.rope_parameters.items()} == {
+        "sliding_attention": (kind, 4.0), "full_attention": (kind, 4.0)}
     for bad, message in (((kind, 1.0), "factor must be > 1"), (("ntk", 4.0), "kind must be one of")):
         with pytest.raises(ValueError, match=message):
             scale_rope(tiny_config(), bad)

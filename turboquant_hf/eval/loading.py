@@ -44,8 +44,12 @@ def scale_rope(config, rope_scaling: tuple[str, float]) -> None:
     if not factor > 1.0:
         raise ValueError(f"rope_scaling factor must be > 1, got {factor}")
     original = config.max_position_embeddings
-    config.rope_parameters = {**config.rope_parameters, "rope_type": kind, "factor": float(factor),
-                              "original_max_position_embeddings": original}
+    scaled = {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": original}
+    params = config.rope_parameters or {}
+    if params and all(isinstance(value, dict) for value in params.values()):  # per layer type (Gemma3, ...)
+        config.rope_parameters = {layer_type: {**value, **scaled} for layer_type, value in params.items()}
+    else:
+        config.rope_parameters = {**params, **scaled}
     config.max_position_embeddings = int(original * factor)
 
 
