@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from turboquant_hf import QuantizedTensor, TurboQuantizer, codebook, codebook_distortion
+from turboquant_hf import QuantizedTensor, TurboQuantizer, codebook, codebook_distortion, unpack
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (bits, qjl) pairs the quantizer accepts.
@@ -72,6 +72,16 @@ def test_mse_matches_codebook_distortion(dim, bits, random_norms, norm_correctio
         assert torch.allclose(lengths, torch.ones_like(lengths), rtol=1e-5, atol=0)
     else:  # the MSE reconstruction is shorter on average: E ||c[i]||^2 = 1 - D (Lloyd-Max's centroid condition)
         assert abs((lengths**2).mean().item() - (1 - codebook_distortion(dim, bits))) < 0.01
+
+
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
+def test_reconstruction_reads_the_packed_indices(bits, generator):
+    """The per-byte lookup of rotated_reconstruction gives centroids[unpack(...)], also for a strided view."""
+    quantizer = TurboQuantizer(64, bits, seed=4)
+    q = quantizer.quantize(torch.randn(2, 3, 9, 64, generator=generator))[:, 1:, 2:7]
+    centroids = quantizer.state(torch.device("cpu"))[1]
+    expected = centroids[unpack(q.packed_indices, bits, 64)]
+    assert torch.equal(quantizer.rotated_reconstruction(q), expected)
 
 
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))

@@ -35,6 +35,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _QJL_SEED_OFFSET = 0x9E3779B1
 
 
+def _byte_table(centroids: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """(256, 8 // bits) float32: row v = the centroids of the indices packed in byte value v, in packing order
+    (``packing.py``: low bits first); None at 3 bits, whose indices straddle bytes."""
+    if 8 % bits:
+        return None
+    values = torch.arange(256, device=centroids.device)
+    shifts = torch.arange(8 // bits, device=centroids.device) * bits
+    return centroids[(values[:, None] >> shifts) & ((1 << bits) - 1)]
+
+
 @dataclasses.dataclass
 class QuantizedTensor:
     """Compressed (..., dim) vectors. All tensors share the leading shape ``(...)``.
@@ -162,6 +172,7 @@ class TurboQuantizer:
         centroids = centroids.half().float()
         boundaries = (centroids[1:] + centroids[:-1]) / 2
         self._states: dict[torch.device, tuple] = {}
+        self._byte_tables: dict[torch.device, torch.Tensor | None] = {}
         self._build_state(torch.device(device) if device is not None else torch.device("cpu"), centroids, boundaries)
 
     def _build_state(self, device: torch.device, centroids: torch.Tensor, boundaries: torch.Tensor) -> tuple:
@@ -171,6 +182,7 @@ class TurboQuantizer:
             projection = torch.randn(self.dim, self.dim, generator=generator).to(device)
         state = (self.rotation.to(device), centroids.to(device), boundaries.to(device), projection)
         self._states[device] = state
+        self._byte_tables[device] = _byte_table(state[1], self.mse_bits)
         return state
 
     def state(self, device: torch.device) -> tuple[Rotation, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -192,8 +204,10 @@ class TurboQuantizer:
     @property
     def state_nbytes(self) -> int:
         """Bytes of the per-device state (rotation, codebook, projection) on one device."""
-        rotation, centroids, boundaries, projection = next(iter(self._states.values()))
+        device, (rotation, centroids, boundaries, projection) = next(iter(self._states.items()))
         extra = 0 if projection is None else projection.numel() * 4
+        table = self._byte_tables[device]
+        extra += 0 if table is None else table.numel() * 4
         return rotation.nbytes + (centroids.numel() + boundaries.numel()) * 4 + extra
 
     def _check_input(self, x: torch.Tensor, name: str) -> None:
@@ -247,7 +261,12 @@ class TurboQuantizer:
         """
         self._check_quantized(q)
         _, centroids, _, projection = self.state(q.device)
-        rotated = centroids[unpack(q.packed_indices, self.mse_bits, self.dim)]
+        table = self._byte_tables[q.device]
+        if table is None:  # 3 bits: indices straddle bytes
+            rotated = centroids[unpack(q.packed_indices, self.mse_bits, self.dim)]
+        else:  # one lookup per packed byte (3-7x faster than unpacking then indexing, on CPU)
+            packed = q.packed_indices
+            rotated = table.index_select(0, packed.reshape(-1).long()).reshape(*packed.shape[:-1], self.dim)
         if projection is not None:
             signs = unpack(q.qjl_signs, 1, self.dim).float() * 2 - 1
             scale = q.residual_norms * (math.sqrt(math.pi / 2) / self.dim)
