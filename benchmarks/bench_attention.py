@@ -138,7 +138,7 @@ SWEEP_LAUNCHES = [(128, 4, 8), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)] 
 
 
 def sweep_rows(quantizers: dict) -> list[dict]:
-    """Fused attention under alternative launch configs and kernel variants, graph replay."""
+    """Fused attention under alternative launch configs (SWEEP_LAUNCHES), graph replay."""
     default_config = attention._attention_config
     rows = []
     for bits in BITS:

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from turboquant_hf import pack, packed_size, unpack
+from turboquant_hf.packing import field_indices
 
 BITS = (1, 2, 3, 4, 8)
 
@@ -120,3 +121,17 @@ def test_unsupported_bits_raise(bits):
         pack(torch.zeros(64, dtype=torch.int64), bits)
     with pytest.raises(ValueError, match="bits"):
         unpack(torch.zeros(64, dtype=torch.uint8), bits, 64)
+
+
+@pytest.mark.parametrize("bits, field_bits", [(1, 4), (1, 8), (2, 8), (3, 6), (4, 8), (8, 8)])
+def test_field_indices_recompose_each_field(bits, field_bits):
+    """Row v of field_indices holds the indices whose little-endian packing is v; at 8 bits per field it agrees
+    with unpack."""
+    fields = field_indices(bits, field_bits)
+    assert fields.shape == (1 << field_bits, field_bits // bits) and int(fields.max()) < 1 << bits
+    recomposed = (fields << (torch.arange(field_bits // bits) * bits)).sum(-1)
+    assert torch.equal(recomposed, torch.arange(1 << field_bits))
+    if field_bits == 8 and bits != 8:
+        per_row = 8 // bits  # 8 bytes of every value v make one packed row of 8 * per_row indices
+        packed = torch.arange(256, dtype=torch.uint8).reshape(32, 8)
+        assert torch.equal(unpack(packed, bits, 8 * per_row), fields.reshape(32, 8 * per_row))

@@ -22,6 +22,14 @@ def packed_size(dim: int, bits: int) -> int:
     return dim * bits // 8
 
 
+def field_indices(bits: int, field_bits: int) -> torch.Tensor:
+    """(2**field_bits, field_bits // bits) int64: row v = the ``bits``-bit indices that a ``field_bits``-bit field of
+    value v holds, low bits first (the order of ``pack``). Lookup tables over packed fields are built from it."""
+    values = torch.arange(1 << field_bits)
+    shifts = torch.arange(field_bits // bits) * bits
+    return (values[:, None] >> shifts) & ((1 << bits) - 1)
+
+
 def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
     """indices: (..., dim) integer in [0, 2**bits) -> (..., dim * bits // 8) uint8."""
     dim = indices.shape[-1]

@@ -27,7 +27,7 @@ import math
 import torch
 
 from .codebook import SUPPORTED_BITS, codebook
-from .packing import pack, packed_size, unpack
+from .packing import field_indices, pack, packed_size, unpack
 from .rotation import Rotation
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,9 +40,7 @@ def _byte_table(centroids: torch.Tensor, bits: int) -> torch.Tensor | None:
     (``packing.py``: low bits first); None at 3 bits, whose indices straddle bytes."""
     if 8 % bits:
         return None
-    values = torch.arange(256, device=centroids.device)
-    shifts = torch.arange(8 // bits, device=centroids.device) * bits
-    return centroids[(values[:, None] >> shifts) & ((1 << bits) - 1)]
+    return centroids[field_indices(bits, 8).to(centroids.device)]
 
 
 @dataclasses.dataclass

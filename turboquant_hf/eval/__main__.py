@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from . import agreement, needle, perplexity, report, speed
 from .footprint import bytes_per_token
-from .loading import (DTYPES, PROSE_TEXT, ROPE_SCALINGS, has_weights, load_model, read_text, resolve_device,
-                      resolve_dtype)
+from .loading import (DTYPES, PROSE_TEXT, ROPE_SCALINGS, check_rope_scaling, has_weights, load_model, read_text,
+                      resolve_device, resolve_dtype)
 from .specs import SPEC_HELP, CacheSpec, make_cache, missing_backend, parse_cache_specs
 
 DYNAMIC = CacheSpec("dynamic")
@@ -72,13 +72,12 @@ def _depth_list(text: str) -> list[float]:
 def _rope_scaling(text: str) -> tuple[str, float]:
     kind, _, factor = text.partition(":")
     try:
-        value = float(factor)
+        rope_scaling = (kind, float(factor))
+        check_rope_scaling(rope_scaling)
     except ValueError:
-        value = 0.0
-    if kind not in ROPE_SCALINGS or not value > 1.0:
         raise argparse.ArgumentTypeError(f"give KIND:FACTOR with KIND one of {', '.join(ROPE_SCALINGS)} and FACTOR > 1 "
-                                         f"(e.g. yarn:4), got {text!r}")
-    return kind, value
+                                         f"(e.g. yarn:4), got {text!r}") from None
+    return rope_scaling
 
 
 def _text_file(text: str) -> Path:

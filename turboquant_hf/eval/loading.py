@@ -35,14 +35,20 @@ def has_weights(model: str) -> bool:
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf"))
 
 
-def scale_rope(config, rope_scaling: tuple[str, float]) -> None:
-    """Stretch ``config``'s RoPE (in place) to ``factor`` times its trained context, for prompts beyond it:
-    rope_scaling = (kind, factor), kind in ROPE_SCALINGS (transformers' rope types of those names)."""
+def check_rope_scaling(rope_scaling: tuple[str, float]) -> None:
+    """ValueError unless rope_scaling = (kind in ROPE_SCALINGS, factor > 1)."""
     kind, factor = rope_scaling
     if kind not in ROPE_SCALINGS:
         raise ValueError(f"rope_scaling kind must be one of {', '.join(ROPE_SCALINGS)}, got {kind!r}")
     if not factor > 1.0:
         raise ValueError(f"rope_scaling factor must be > 1, got {factor}")
+
+
+def scale_rope(config, rope_scaling: tuple[str, float]) -> None:
+    """Stretch ``config``'s RoPE (in place) to ``factor`` times its trained context, for prompts beyond it:
+    rope_scaling = (kind, factor), kind in ROPE_SCALINGS (transformers' rope types of those names)."""
+    check_rope_scaling(rope_scaling)
+    kind, factor = rope_scaling
     original = config.max_position_embeddings
     scaled = {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": original}
     params = config.rope_parameters or {}

@@ -38,7 +38,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .dequant import centroid_table, decode_packed, fp16_field, load_packed
+from .dequant import centroid_table, decode_packed, fp16_field, load_packed, split_fp16
 from .encode import rotation_matrices, triton_unsupported
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
@@ -49,23 +49,16 @@ _MIN_SPLIT_TOKENS = 256
 def _dot3(a, b, acc):
     """acc + a @ b for fp32 a (M, K) and b (K, N), about fp32-accurate: both split into fp16 hi + lo,
     three fp16 tensor-core dots accumulated in fp32 (lo @ lo dropped). Needs |a|, |b| < 65504."""
-    a_hi = a.to(tl.float16)
-    b_hi = b.to(tl.float16)
-    acc = tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.float16), acc)
-    acc = tl.dot((a - a_hi.to(tl.float32)).to(tl.float16), b_hi, acc)
+    a_hi, a_lo = split_fp16(a)
+    b_hi, b_lo = split_fp16(b)
+    acc = tl.dot(a_hi, b_lo, acc)
+    acc = tl.dot(a_lo, b_hi, acc)
     return tl.dot(a_hi, b_hi, acc)
 
 
 @triton.jit
-def _split_fp16(a):
-    """fp32 a -> (hi, lo) fp16 with hi + lo = a to about 2^-22 relative. Needs |a| < 65504."""
-    hi = a.to(tl.float16)
-    return hi, (a - hi.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
 def _dot_split(a_hi, a_lo, b, acc):
-    """acc + (a_hi + a_lo) @ b: two fp16 tensor-core dots accumulated in fp32 (see _split_fp16)."""
+    """acc + (a_hi + a_lo) @ b: two fp16 tensor-core dots accumulated in fp32 (see split_fp16)."""
     return tl.dot(a_hi, b, tl.dot(a_lo, b, acc))
 
 
@@ -228,15 +221,15 @@ def _split_kernel(
         k_norms = k_norms_ptr + b * stride_knb + h * stride_knh
         v_norms = v_norms_ptr + b * stride_vnb + h * stride_vnh
         # The scaled rotated query, phase by phase, split into fp16 hi + lo once (loop-invariant).
-        q_hi0, q_lo0 = _split_fp16(tl.load(q_rot_rows[:, None] + k_columns[None, :]))
+        q_hi0, q_lo0 = split_fp16(tl.load(q_rot_rows[:, None] + k_columns[None, :]))
         q_hi1, q_lo1 = q_hi0, q_lo0
         q_hi2, q_lo2 = q_hi0, q_lo0
         q_hi3, q_lo3 = q_hi0, q_lo0
         if K_PHASES > 1:
-            q_hi1, q_lo1 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 1)[None, :]))
+            q_hi1, q_lo1 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 1)[None, :]))
         if K_PHASES > 2:
-            q_hi2, q_lo2 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 2)[None, :]))
-            q_hi3, q_lo3 = _split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 3)[None, :]))
+            q_hi2, q_lo2 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 2)[None, :]))
+            q_hi3, q_lo3 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 3)[None, :]))
         start = split * split_len
         stop = tl.minimum(start + split_len, compressed_len)
         for n0 in range(start, stop, BLOCK_N):
@@ -258,7 +251,7 @@ def _split_kernel(
             logits = _masked_logits(scores * key_norms[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
                                     stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
             weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
-            w_hi, w_lo = _split_fp16(weights * value_norms[None, :])
+            w_hi, w_lo = split_fp16(weights * value_norms[None, :])
             value_entries = _gather(v_words, v_table_ptr, V_BITS, V_PHASES)
             acc0 = _dot_split(w_hi, w_lo, _phase(value_entries, 0, V_PHASES), acc0 * alpha[:, None])
             if V_PHASES > 1:
@@ -571,7 +564,7 @@ def decode_attention_triton(
         float(scale), float(softcap) if softcap is not None else 1.0,
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n,
         K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
-        K_PHASES=key_phases, V_PHASES=value_phases, 
+        K_PHASES=key_phases, V_PHASES=value_phases,
         HAS_RESIDUAL=residual_len > 0,
         MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],

@@ -21,6 +21,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
     triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
 
 from ..backend import backend_for, cdiv, warn_once
+from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .encode import rotation_matrices, row_block, triton_unsupported
 
@@ -30,9 +31,9 @@ _BLOCK_K = 32
 _BLOCK_M_CUDA = 64
 # Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
 _TORCH_SLICE_VECTORS = 1 << 14
-# bits -> (coordinates per table entry, packed bits per table index).
-_TABLE_LAYOUT = {1: (4, 4), 2: (4, 8), 3: (2, 6), 4: (2, 8), 8: (1, 8)}
-_ENTRY_DTYPE = {1: torch.float16, 2: torch.int32, 4: torch.int64}
+# bits -> packed bits per table index (a table entry holds the centroids of index_bits / bits coordinates).
+_TABLE_INDEX_BITS = {1: 4, 2: 8, 3: 6, 4: 8, 8: 8}
+_ENTRY_DTYPE = {1: torch.float16, 2: torch.int32, 4: torch.int64}  # by coordinates per entry
 _table_cache: dict[tuple, torch.Tensor] = {}
 
 
@@ -47,18 +48,10 @@ def centroid_table(quantizer: TurboQuantizer, device: torch.device) -> torch.Ten
     found = _table_cache.get(key)
     if found is None:
         bits = quantizer.mse_bits
-        per_entry, index_bits = _TABLE_LAYOUT[bits]
-        centroids = quantizer.state(torch.device("cpu"))[1].half()
-        if per_entry == 1:
-            table = centroids
-        else:
-            patterns = [int(v) & 0xFFFF for v in centroids.view(torch.int16).tolist()]
-            width = 16 * per_entry
-            entries = []
-            for field in range(1 << index_bits):
-                entry = sum(patterns[(field >> (bits * t)) & ((1 << bits) - 1)] << (16 * t) for t in range(per_entry))
-                entries.append(entry - (1 << width) if entry >= 1 << (width - 1) else entry)  # two's complement
-            table = torch.tensor(entries, dtype=_ENTRY_DTYPE[per_entry])
+        index_bits = _TABLE_INDEX_BITS[bits]
+        fields = quantizer.state(torch.device("cpu"))[1].half()[field_indices(bits, index_bits)]
+        # (entries, per_entry) fp16 viewed as one integer per row: little-endian, so c[i_0] lands in bits 0..15.
+        table = fields.view(_ENTRY_DTYPE[fields.shape[1]]).squeeze(1)
         found = _table_cache[key] = table.to(device)
     return found
 
@@ -74,6 +67,14 @@ def _interleave(fields_even, fields_odd):
 def fp16_field(entries, t: tl.constexpr):
     """The fp16 at bits 16t..16t+15 of int32/int64 table entries."""
     return ((entries >> (16 * t)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def split_fp16(a):
+    """fp32 a -> (hi, lo) fp16 with hi + lo = a to about 2^-22 relative: fp16 tensor-core dots against both
+    reach fp32-level accuracy. Needs |a| < 65504."""
+    hi = a.to(tl.float16)
+    return hi, (a - hi.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -145,9 +146,8 @@ def _dequant_kernel(
     for k0 in range(0, HEAD_DIM, BLOCK_K):
         words = load_packed(row_ptrs + (k0 * BITS // 8) * stride_pbyte, row_valid, stride_pbyte, BITS, BLOCK_K)
         codes = decode_packed(words, table_ptr, BITS)
-        rot = tl.load(rot_ptr + (k0 + ks)[:, None] * HEAD_DIM + dims[None, :])
-        rot_hi = rot.to(tl.float16)
-        dense = tl.dot(codes, (rot - rot_hi.to(tl.float32)).to(tl.float16), dense)
+        rot_hi, rot_lo = split_fp16(tl.load(rot_ptr + (k0 + ks)[:, None] * HEAD_DIM + dims[None, :]))
+        dense = tl.dot(codes, rot_lo, dense)
         dense = tl.dot(codes, rot_hi, dense)
     out_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on + dims[None, :] * stride_od
     tl.store(out_ptrs, (dense * norms[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
