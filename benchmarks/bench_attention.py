@@ -8,8 +8,8 @@ length as SDPA's N). Packed data is random: speed does not depend on the values.
 CUDA-event pairs around each of 50 calls after warm-up, "eager" (each call launched from Python, as in
 generate) and "graph" (the same call captured once in a CUDA graph and replayed: kernel time without
 the launch overhead). Memory floor = bytes the call must read and write / device-to-device copy
-bandwidth measured in the same run. Also reports encode and dequantize throughput as a share of that
-bandwidth. --sweep times alternative launch configs of the fused kernel (graph replay).
+bandwidth measured in the same run. Also reports encode and dequantize throughput (graph replay) as a share of
+that bandwidth. --sweep times alternative launch configs of the fused kernel and of encode and dequantize.
 """
 
 from __future__ import annotations
@@ -114,27 +114,48 @@ def attention_rows(bandwidth: float, quantizers: dict) -> list[dict]:
     return rows
 
 
-def codec_rows(bandwidth: float, quantizers: dict) -> list[dict]:
-    """Encode (bf16 -> storage) and dequantize (storage -> bf16) of 8 heads x 64K tokens."""
+def codec_rows(bandwidth: float, quantizers: dict, ops: tuple = (encode, dequant)) -> list[dict]:
+    """Encode (bf16 -> storage) and dequantize (storage -> bf16) of 8 heads x 64K tokens, for each quantizer."""
     rows = []
     batch, length = 1, 65536
     x = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
-    for bits in BITS:
-        quantizer = quantizers[bits]
+    for bits, quantizer in quantizers.items():
         storage = random_quantized(quantizer, batch, length)
         packed_bytes = sum(t.numel() * t.element_size() for t in storage.tensors())
         dense_bytes = x.numel() * x.element_size()
-        for name, fn in (("encode", lambda: encode.encode_into_triton(x, quantizer, storage, 0)),
-                         ("dequantize", lambda: dequant.dequantize_into_triton(storage, quantizer, out))):
-            us = median_us(fn, calls=20)
+        calls = {encode: ("encode", lambda: encode.encode_into_triton(x, quantizer, storage, 0)),
+                 dequant: ("dequantize", lambda: dequant.dequantize_into_triton(storage, quantizer, out))}
+        for name, fn in (calls[op] for op in ops):
+            us, graph_us = median_us(fn, calls=20), median_us(fn, calls=20, graph=True)
             moved = packed_bytes + dense_bytes
-            rows.append({"op": name, "bits": bits, "vectors": batch * KV_HEADS * length, "us": us, "bytes": moved,
-                         "percent_of_bandwidth": 100 * moved / (us * 1e-6) / bandwidth})
+            rows.append({"op": name, "bits": bits, "vectors": batch * KV_HEADS * length, "us": us, "graph_us": graph_us,
+                         "bytes": moved, "percent_of_bandwidth": 100 * moved / (graph_us * 1e-6) / bandwidth})
     return rows
 
 
-SWEEP_LAUNCHES = [(128, 4, 8), (64, 4, 4), (64, 4, 8), (128, 4, 4), (64, 8, 8)]  # (BLOCK_N, num_warps, waves)
+# (BLOCK_N, num_warps, waves, num_stages); waves = programs per SM that the split count aims for
+SWEEP_LAUNCHES = [(128, 4, waves, stages) for stages in (1, 2) for waves in (2, 3, 4, 6, 8, 12, 16)] + [(64, 4, 4, 1)]
+SWEEP_SHAPES = [(1, 32768), (1, 131072), (8, 32768), (8, 131072)]
+# (elements per program = BLOCK_M * head_dim, num_warps) of the encode and dequantize kernels
+CODEC_LAUNCHES = [(2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8)]
+
+
+def codec_sweep_rows(bandwidth: float, quantizers: dict) -> list[dict]:
+    """Encode and dequantize (TQ4 and TQ2, as in codec_rows) under alternative launches (CODEC_LAUNCHES)."""
+    rows = []
+    for module in (encode, dequant):
+        default = dict(module._LAUNCH["cuda"])
+        for elements, warps in CODEC_LAUNCHES:
+            module._LAUNCH["cuda"].update(elements=elements, num_warps=warps)
+            try:
+                for row in codec_rows(bandwidth, {bits: quantizers[bits] for bits in (4, 2)}, ops=(module,)):
+                    rows.append({**row, "elements": elements, "num_warps": warps})
+            except Exception as error:  # a launch that does not compile or fit is a result too
+                print(f"codec sweep {module.__name__} {(elements, warps)}: {type(error).__name__}: {error}"[:300])
+            finally:
+                module._LAUNCH["cuda"].update(default)
+    return rows
 
 
 def sweep_rows(quantizers: dict) -> list[dict]:
@@ -143,12 +164,13 @@ def sweep_rows(quantizers: dict) -> list[dict]:
     rows = []
     for bits in BITS:
         quantizer = quantizers[bits]
-        for batch, length in ((1, 131072), (8, 32768)):
+        for batch, length in SWEEP_SHAPES:
             query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             keys, values = random_quantized(quantizer, batch, length), random_quantized(quantizer, batch, length)
-            for block_n, warps, waves in SWEEP_LAUNCHES:
+            for block_n, warps, waves, stages in SWEEP_LAUNCHES:
                 def config(*args, **kwargs):
-                    return {**default_config(*args, **kwargs), "BLOCK_N": block_n, "num_warps": warps, "waves": waves}
+                    return {**default_config(*args, **kwargs), "BLOCK_N": block_n, "num_warps": warps, "waves": waves,
+                            "num_stages": stages}
 
                 attention._attention_config = config
                 try:
@@ -156,12 +178,12 @@ def sweep_rows(quantizers: dict) -> list[dict]:
                         query, keys, values, quantizer, quantizer, None, None, scale=HEAD_DIM**-0.5), graph=True)
                 except Exception as error:  # a config that does not compile or fit is a result too
                     us = float("nan")
-                    print(f"sweep bits={bits} {(block_n, warps, waves)}: "
+                    print(f"sweep bits={bits} {(block_n, warps, waves, stages)}: "
                           f"{type(error).__name__}: {error}"[:300])
                 finally:
                     attention._attention_config = default_config
                 rows.append({"bits": bits, "batch": batch, "length": length, "BLOCK_N": block_n, "num_warps": warps,
-                             "waves": waves, "us": us})
+                             "waves": waves, "num_stages": stages, "us": us})
             del keys, values
     return rows
 
@@ -200,6 +222,7 @@ def main() -> None:
     }
     if args.sweep:
         results["sweep"] = sweep_rows(quantizers)
+        results["codec_sweep"] = codec_sweep_rows(bandwidth, quantizers)
 
     print(f"`{results['command']}` on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
@@ -210,16 +233,22 @@ def main() -> None:
         print(f"| {row['batch']} | {row['length']} | {row['method']} | {row['us']:.1f} | {row['graph_us']:.1f} "
               f"| {row['floor_us']:.1f} | {100 * row['floor_us'] / row['graph_us']:.0f}% "
               f"| {row['graph_time_vs_sdpa']:.2f} |")
-    print("\n| op | bits | vectors | time (us) | % of copy bandwidth |")
-    print("|---|---|---|---|---|")
+    print("\n| op | bits | vectors | eager (us) | graph (us) | % of copy bandwidth (graph) |")
+    print("|---|---|---|---|---|---|")
     for row in results["codec"]:
-        print(f"| {row['op']} | {row['bits']} | {row['vectors']} | {row['us']:.1f} | {row['percent_of_bandwidth']:.0f}% |")
+        print(f"| {row['op']} | {row['bits']} | {row['vectors']} | {row['us']:.1f} | {row['graph_us']:.1f} "
+              f"| {row['percent_of_bandwidth']:.0f}% |")
     if args.sweep:
-        print("\n| bits | B | N | BLOCK_N | warps | waves | graph time (us) |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| bits | B | N | BLOCK_N | warps | waves | stages | graph time (us) |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in results["sweep"]:
             print(f"| {row['bits']} | {row['batch']} | {row['length']} | {row['BLOCK_N']} | {row['num_warps']} "
-                  f"| {row['waves']} | {row['us']:.1f} |")
+                  f"| {row['waves']} | {row['num_stages']} | {row['us']:.1f} |")
+        print("\n| op | bits | elements per program | warps | graph time (us) | % of copy bandwidth |")
+        print("|---|---|---|---|---|---|")
+        for row in results["codec_sweep"]:
+            print(f"| {row['op']} | {row['bits']} | {row['elements']} | {row['num_warps']} | {row['graph_us']:.1f} "
+                  f"| {row['percent_of_bandwidth']:.0f}% |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -52,30 +52,30 @@ failed=0
 for step in "${STEPS[@]}"; do
     case $step in
         tests)
-            run_step tests bash -c "python -m pytest tests/test_kernels.py -m gpu -q -rs 2>&1 | tee '$OUT/tests.log'" ;;
+            run_step tests bash -o pipefail -c "python -m pytest tests/test_kernels.py -m gpu -q -rs 2>&1 | tee '$OUT/tests.log'" ;;
         cache)
-            run_step cache bash -c "python -m pytest tests/test_cache.py tests/test_attention.py -q -rs 2>&1 \
+            run_step cache bash -o pipefail -c "python -m pytest tests/test_cache.py tests/test_attention.py -q -rs 2>&1 \
                 | tee '$OUT/cache_tests.log'" ;;
         context)
-            run_step context bash -c "python benchmarks/bench_generate.py --prompt 0 --max-context \
+            run_step context bash -o pipefail -c "python benchmarks/bench_generate.py --prompt 0 --max-context \
                 --out '$OUT/max_context.json' 2>&1 | tee '$OUT/max_context.log'" ;;
         needle)
             run_step needle needle_step ;;
         attention)
-            run_step attention bash -c "python benchmarks/bench_attention.py --out '$OUT/bench_attention.json' 2>&1 \
+            run_step attention bash -o pipefail -c "python benchmarks/bench_attention.py --out '$OUT/bench_attention.json' 2>&1 \
                 | tee '$OUT/bench_attention.log'" ;;
         generate)
-            run_step generate bash -c "python benchmarks/bench_generate.py --prompt 32768 --new 128 --batch 1 8 \
+            run_step generate bash -o pipefail -c "python benchmarks/bench_generate.py --prompt 32768 --new 128 --batch 1 8 \
                 --out '$OUT/bench_generate.json' 2>&1 | tail -12" ;;
         speed)
             # The eval CLI on random weights: a folder with only the 8B-shaped config (see bench_generate.py).
-            run_step speed bash -c "python -c 'import bench_generate as b, sys; \
+            run_step speed bash -o pipefail -c "python -c 'import bench_generate as b, sys; \
 b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
                 python -m turboquant_hf.eval speed --model /tmp/llama-8b-shape --attn-implementation turboquant \
                 --prompt-tokens 8192 --batch 4 --new-tokens 32 --caches dynamic,tq4,tq3,tq2,k4v3,fp8 --quiet \
                 --json '$OUT/eval_speed.json' --markdown '$OUT/eval_speed.md'" ;;
         agreement)
-            run_step agreement bash -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
+            run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
             echo "unknown step $step (tests cache attention generate context speed agreement needle)"; false ;;

@@ -22,13 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from turboquant_hf.kernels.decode_attention import _phases, _split_kernel  # noqa: E402
+from turboquant_hf.kernels.decode_attention import _attention_config, _phases, _split_kernel  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTXAS = get_ptxas(90).path  # the ptxas this Triton itself uses for sm_90
@@ -64,7 +65,7 @@ def compile_split_kernel(args) -> tuple[str, str]:
     source = ASTSource(fn=_split_kernel, signature=signature, constexprs=constants,
                        attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": args.warps, "num_stages": 1})
+                              options={"num_warps": args.warps, "num_stages": args.stages})
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
@@ -96,11 +97,15 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, help="num_stages (default: the kernel's own launch config)")
     parser.add_argument("--no-residual", action="store_true", help="compile without the dense-window branch")
     args = parser.parse_args()
+    if args.stages is None:
+        phased = _phases(args.bits, args.head_dim) > 1
+        args.stages = _attention_config(args.head_dim, 4, 64, phased, torch.device("cpu"))["num_stages"]
     report, sass = compile_split_kernel(args)
     print(f"triton {triton.__version__}, sm_90a, bits {args.bits}, head_dim {args.head_dim}, BLOCK_N {args.block_n}, "
-          f"{args.warps} warps")
+          f"{args.warps} warps, {args.stages} stages")
     print(" ".join(line.split(":", 1)[-1].strip() for line in report.splitlines() if "Used" in line or "spill" in line))
     loop = hottest_loop(sass)
     opcodes = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", t).group(1) for t in loop)

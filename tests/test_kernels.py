@@ -38,11 +38,14 @@ if not ON_CUDA and IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from turboquant_hf import QuantizedTensor, TurboQuantizer, backend, unpack  # noqa: E402
 
-encode_mod, dequant_mod, attention_mod, kernels = (
-    importlib.import_module(f"turboquant_hf.kernels{name}") for name in (".encode", ".dequant", ".decode_attention", "")
+encode_mod, dequant_mod, attention_mod, rotate_mod, kernels = (
+    importlib.import_module(f"turboquant_hf.kernels{name}")
+    for name in (".encode", ".dequant", ".decode_attention", ".rotate", "")
 )
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -153,6 +156,55 @@ def test_backend_for(monkeypatch):
     if ON_CUDA:
         monkeypatch.setenv("TURBOQUANT_BACKEND", "auto")
         assert backend.backend_for(torch.device("cuda")) == "triton"
+
+
+# ----------------------------------------------------------------------------------------------- rotate
+
+
+@pytest.mark.parametrize("rotation, dim", [("hadamard", 64), ("hadamard", 128), ("dense", 64), ("dense", 32)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rotation_operands_sum_to_the_matrix(rotation, dim, transpose):
+    quantizer = TurboQuantizer(dim, 4, rotation=rotation, seed=7)
+    pieces, scale = rotate_mod.rotation_operands(quantizer, DEVICE, transpose=transpose)
+    matrix = quantizer.state(DEVICE)[0].matrix().double()
+    matrix = matrix.T if transpose else matrix
+    assert pieces.dtype == torch.float16 and pieces.is_contiguous()
+    if rotation == "hadamard":  # sqrt(D) R = H diag(signs): one exact piece of +-1
+        assert pieces.shape == (1, dim, dim) and scale == 1 / math.sqrt(dim)
+        assert set(pieces.unique().tolist()) == {-1.0, 1.0}
+    else:
+        assert pieces.shape == (2, dim, dim) and scale == 1.0
+    error = (pieces.double().sum(0) * scale - matrix).abs().max().item()
+    assert error <= 2.0**-22 * matrix.abs().max().item()
+
+
+@triton.jit
+def _rotate_kernel(tile_ptr, pieces_ptr, out_ptr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_COL: tl.constexpr,
+                   TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr):
+    rows, dims = tl.arange(0, ROWS), tl.arange(0, HEAD_DIM)
+    tile = tl.load(tile_ptr + rows[:, None] * HEAD_DIM + dims[None, :])
+    hi, lo = tile, tile
+    if TILE_PIECES > 1:
+        hi, lo = rotate_mod.split_fp16(tile)
+    cols = tl.arange(0, BLOCK_COL)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
+        block = rotate_mod.rotate_columns(hi, lo, pieces_ptr, col0, HEAD_DIM, BLOCK_COL, TILE_PIECES, ROT_PIECES)
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + (col0 + cols)[None, :], block)
+
+
+@small
+@pytest.mark.parametrize("rotation", ["hadamard", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotate_columns_matches_float64(rotation, dtype):
+    """fp16 tiles are exact operands; fp32 tiles split into fp16 hi + lo: within 2^-20 of float64 either way."""
+    dim = 64
+    quantizer = TurboQuantizer(dim, 4, rotation=rotation, seed=2)
+    pieces, scale = rotate_mod.rotation_operands(quantizer, DEVICE, transpose=True)
+    tile = _randn(1, 1, 16, dim, seed=4).reshape(16, dim).to(dtype)
+    out = torch.empty(16, dim, device=DEVICE)
+    _rotate_kernel[(1,)](tile, pieces, out, 16, dim, 32, rotate_mod.tile_pieces(dtype), pieces.shape[0])
+    expected = tile.double() @ quantizer.state(DEVICE)[0].matrix().double().T
+    assert ((out.double() * scale - expected).abs().max() <= 2.0**-20 * expected.abs().max()).item()
 
 
 # ----------------------------------------------------------------------------------------------- encode

@@ -11,15 +11,16 @@ Layout of the Triton path (three launches, no host sync):
    "phases" of the packed bytes (see ``_split_kernel``). The last split attends over the dense residual
    window (model basis). Each writes an unnormalized partial with its row max and sum. Lengths are not
    specialized on (``do_not_specialize``), so a generation compiles each kernel once.
-3. ``_merge_kernel``: log-sum-exp merge of the partials, one matmul with R back to the model basis, the
+3. ``_merge_kernel``: log-sum-exp merge of the partials, one rotation back to the model basis, the
    residual partial added, (B, Hq, M, D) written in the query dtype.
 
-Numerics: softmax statistics and accumulators are fp32; the rotations run once per call in IEEE fp32.
+Numerics: softmax statistics and accumulators are fp32; the two rotations run once per call, as tensor-core dots
+with exact products (``rotate.rotate_columns``).
 The per-token dots run on fp16 tensor cores at about fp32 accuracy: the decoded centroids are exact fp16
 values (``TurboQuantizer`` rounds its codebook to fp16), and the fp32 side (scaled rotated queries,
 softmax weights times value norms) is split into fp16 hi + lo, two dots accumulated in fp32. The dense
 residual window splits both sides (three dots). So the same math runs on the interpreter and on the GPU,
-within ~1e-6 of float64. The fp16 split needs |q * scale|, |residual K/V| and value norms < 65504.
+within ~1e-6 of float64. The fp16 split needs |q|, |q * scale|, |residual K/V| and value norms < 65504.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .dequant import centroid_table, decode_packed, fp16_field, load_packed, split_fp16
-from .encode import rotation_matrices, triton_unsupported
+from .dequant import centroid_table, decode_packed, fp16_field, load_packed
+from .encode import triton_unsupported
+from .rotate import rotate_columns, rotation_operands, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
+_BLOCK_COL = 64  # output columns per rotation step (query rotation, merge)
 
 
 @triton.jit
@@ -120,28 +123,15 @@ def _phase(gathered, j: tl.constexpr, PHASES: tl.constexpr):
 
 
 @triton.jit
-def _matmul_columns(a_rows, stride_a, b_ptr, col0, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """Columns col0..col0+BLOCK_K of a @ b in IEEE fp32: a (BLOCK_R, HEAD_DIM) given by row pointers with
-    element stride stride_a, b (HEAD_DIM, HEAD_DIM) fp32 contiguous. BLOCK_K x BLOCK_K tiles keep the
-    FMA dot within registers at HEAD_DIM=256."""
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
-    for k0 in range(0, HEAD_DIM, BLOCK_K):
-        a = tl.load(a_rows[:, None] + (k0 + ks)[None, :] * stride_a).to(tl.float32)
-        b = tl.load(b_ptr + (k0 + ks)[:, None] * HEAD_DIM + (col0 + ks)[None, :])
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _rotate_query_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
-    rot_t_ptr, q_rot_ptr,
+    rot_ptr, q_rot_ptr,
     kv_heads, group, n_queries, padded_rows, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr,
+    TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr,
 ):
-    """q_rot[b * kv_heads + h, r] = scale * q[b, h * group + r // M, r % M] @ R^T (fp32); padding rows read row 0."""
+    """q_rot[b * kv_heads + h, r] = scale * q[b, h * group + r // M, r % M] @ R^T (fp32; rot_ptr: the pieces of
+    R^T, their scale folded into ``scale``); padding rows read row 0."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // kv_heads).to(tl.int64)
     h = (pid_bh % kv_heads).to(tl.int64)
@@ -150,11 +140,15 @@ def _rotate_query_kernel(
     real_rows = tl.where(rows < group * n_queries, rows, 0)
     q_rows = (query_ptr + b * stride_qb + (h * group + real_rows // n_queries) * stride_qh
               + (real_rows % n_queries) * stride_qm)
+    query = tl.load(q_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :] * stride_qd)
+    q_hi, q_lo = query, query  # fp16: exact as it is
+    if TILE_PIECES > 1:
+        q_hi, q_lo = split_fp16(query.to(tl.float32))
     out_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
-    ks = tl.arange(0, BLOCK_K)
-    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
-        q_rot = _matmul_columns(q_rows, stride_qd, rot_t_ptr, col0, BLOCK_R, HEAD_DIM, BLOCK_K)
-        tl.store(out_rows[:, None] + (col0 + ks)[None, :], q_rot * scale)
+    cols = tl.arange(0, BLOCK_COL)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
+        q_rot = rotate_columns(q_hi, q_lo, rot_ptr, col0, HEAD_DIM, BLOCK_COL, TILE_PIECES, ROT_PIECES)
+        tl.store(out_rows[:, None] + (col0 + cols)[None, :], q_rot * scale)
 
 
 # Lengths change every decode step: specializing on them (Triton's default for ints) would recompile mid-generation.
@@ -295,12 +289,13 @@ def _split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
-    part_out_ptr, part_max_ptr, part_sum_ptr, merged_ptr, rot_ptr,
+    part_out_ptr, part_max_ptr, part_sum_ptr, rot_ptr,
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,
-    kv_heads, group, n_queries, num_splits, padded_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    kv_heads, group, n_queries, num_splits, padded_rows, rot_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr, ROT_PIECES: tl.constexpr,
 ):
-    """Log-sum-exp merge of the partials of one (batch * kv head, row block), then out = merged @ R + residual."""
+    """Log-sum-exp merge of the partials of one (batch * kv head, row block), then out = merged @ R + residual
+    (rot_ptr: the fp16 pieces of R, times rot_scale)."""
     pid_bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_valid = rows < group * n_queries
@@ -326,21 +321,18 @@ def _merge_kernel(
     row_sum += residual_weight * tl.load(part_sum_ptr + residual_rows, mask=row_valid, other=0.0)
     # A row that attended to nothing (every key masked) has sum 0 and gives 0, like the torch twin.
     inverse_sum = 1.0 / tl.where(row_sum > 0, row_sum, 1.0)
-    # merged @ R in small tiles: stage merged through global scratch (L2) since registers cannot be sliced.
-    merged_rows = merged_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
-    tl.store(merged_rows[:, None] + dims[None, :], merged)
-    tl.debug_barrier()
-
     b = (pid_bh // kv_heads).to(tl.int64)
     h = (pid_bh % kv_heads).to(tl.int64)
     out_rows = out_ptr + b * stride_ob + (h * group + rows // n_queries) * stride_oh + (rows % n_queries) * stride_om
-    ks = tl.arange(0, BLOCK_K)
-    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
-        out = _matmul_columns(merged_rows, 1, rot_ptr, col0, BLOCK_R, HEAD_DIM, BLOCK_K)
-        residual = tl.load(part_out_ptr + residual_rows[:, None] * HEAD_DIM + (col0 + ks)[None, :],
+    # Normalized before the rotation: |merged| stays below the largest value norm (< 65504, see split_fp16).
+    merged_hi, merged_lo = split_fp16(merged * inverse_sum[:, None])
+    cols = tl.arange(0, BLOCK_COL)
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
+        out = rotate_columns(merged_hi, merged_lo, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 2, ROT_PIECES) * rot_scale
+        residual = tl.load(part_out_ptr + residual_rows[:, None] * HEAD_DIM + (col0 + cols)[None, :],
                            mask=row_valid[:, None], other=0.0)
-        out = (out + residual_weight[:, None] * residual) * inverse_sum[:, None]
-        tl.store(out_rows[:, None] + (col0 + ks)[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+        out = out + residual_weight[:, None] * inverse_sum[:, None] * residual
+        tl.store(out_rows[:, None] + (col0 + cols)[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=row_valid[:, None])
 
 
@@ -460,15 +452,20 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: a few splits, enough to exercise the merge
 
 
-def _attention_config(head_dim: int, rows: int) -> dict:
-    """Launch shape from head_dim and query rows per kv head (group * M).
+def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, device: torch.device) -> dict:
+    """Launch shape from head_dim, query rows per kv head (group * M), batch * kv heads, and whether both K and V
+    tiles are phased (4 or 2 bits).
 
     BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton fails to lay out the gathered
-    operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for.
-    Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md).
+    operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for: 2 (one
+    wave at the two programs per SM that the registers allow; fewer splits, less merge work) when programs per split
+    (batch * kv heads * row blocks) are at most a quarter of the SMs (B=1: 1.3-1.5x faster than 8), else 8. Software pipelining (num_stages 2) helps phased tiles by 3-4 % at
+    head_dim 128 and slows the 3-bit path 1.7x. Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (RESULTS.md).
     """
     block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
-    return {"BLOCK_R": block_r, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "waves": 8}
+    waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= _sm_count(device) else 8
+    stages = 2 if phased and head_dim <= 128 else 1  # head_dim 256, fp32 window: 2 stages overflow shared memory
+    return {"BLOCK_R": block_r, "BLOCK_N": 128, "num_warps": 4, "num_stages": stages, "waves": waves}
 
 
 def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -510,7 +507,8 @@ def decode_attention_triton(
     residual_len = 0 if residual_keys is None else residual_keys.shape[2]
     group = q_heads // kv_heads
     rows = group * n_queries
-    config = _attention_config(dim, rows)
+    key_phases, value_phases = _phases(key_quantizer.mse_bits, dim), _phases(value_quantizer.mse_bits, dim)
+    config = _attention_config(dim, rows, batch * kv_heads, min(key_phases, value_phases) > 1, device)
     block_r, block_n = config["BLOCK_R"], config["BLOCK_N"]
     row_blocks = cdiv(rows, block_r)
     padded_rows = row_blocks * block_r
@@ -518,9 +516,8 @@ def decode_attention_triton(
     slots = splits + 1  # the last slot holds the residual window (all -inf/0 without one)
 
     # Queries meet keys in the key basis; the output leaves the value basis (the two may differ).
-    rot_t = rotation_matrices(key_quantizer, device)[1]
-    rot = rotation_matrices(value_quantizer, device)[0]
-    key_phases, value_phases = _phases(key_quantizer.mse_bits, dim), _phases(value_quantizer.mse_bits, dim)
+    rot_t, rot_t_scale = rotation_operands(key_quantizer, device, transpose=True)
+    rot, rot_scale = rotation_operands(value_quantizer, device, transpose=False)
     key_table, value_table = centroid_table(key_quantizer, device), centroid_table(value_quantizer, device)
     part_out = torch.empty((batch * kv_heads, slots, padded_rows, dim), device=device, dtype=torch.float32)
     part_max = torch.empty((batch * kv_heads, slots, padded_rows), device=device, dtype=torch.float32)
@@ -539,18 +536,17 @@ def decode_attention_triton(
     else:
         rk_strides, rv_strides = residual_keys.stride(), residual_values.stride()
 
-    # Row scratch: the rotated queries, then (reused after the split kernel) the merged rotated outputs.
-    row_scratch = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
+    q_rot = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
     _rotate_query_kernel[(batch * kv_heads, row_blocks)](
         query, *query.stride(),
-        rot_t, row_scratch,
-        kv_heads, group, n_queries, padded_rows, float(scale),
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_K=min(32, dim),
-        num_warps=4,
+        rot_t, q_rot,
+        kv_heads, group, n_queries, padded_rows, float(scale) * rot_t_scale,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(_BLOCK_COL, dim),
+        TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=rot_t.shape[0], num_warps=4,
     )
     _split_kernel[(slots, batch * kv_heads, row_blocks)](
         query, *query.stride(),
-        row_scratch,
+        q_rot,
         keys.packed_indices, *keys.packed_indices.stride(),
         keys.norms, *keys.norms.stride(),
         values.packed_indices, *values.packed_indices.stride(),
@@ -570,10 +566,10 @@ def decode_attention_triton(
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     _merge_kernel[(batch * kv_heads, row_blocks)](
-        part_out, part_max, part_sum, row_scratch, rot,
+        part_out, part_max, part_sum, rot,
         out, *out.stride(),
-        kv_heads, group, n_queries, splits, padded_rows,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_K=min(32, dim),
+        kv_heads, group, n_queries, splits, padded_rows, rot_scale,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(_BLOCK_COL, dim), ROT_PIECES=rot.shape[0],
         num_warps=4,
     )
     return out

@@ -23,12 +23,14 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 from ..backend import backend_for, cdiv, warn_once
 from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .encode import rotation_matrices, row_block, triton_unsupported
+from .encode import row_block, triton_unsupported
+from .rotate import rotate_columns, rotation_operands
 
-# Coordinates decoded and contracted per tl.dot step; vectors per program on CUDA (each program reads all
-# of R from L2, so larger blocks cut that traffic).
-_BLOCK_K = 32
-_BLOCK_M_CUDA = 64
+# Output columns per step. Launch per device type: a program takes elements / head_dim vectors (at least 16; each
+# program reads the rotation's pieces from L2, so larger blocks cut that traffic); bench_attention.py --sweep
+# times alternatives on a GPU.
+_BLOCK_COL = 64
+_LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 # Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
 _TORCH_SLICE_VECTORS = 1 << 14
 # bits -> packed bits per table index (a table entry holds the centroids of index_bits / bits coordinates).
@@ -67,14 +69,6 @@ def _interleave(fields_even, fields_odd):
 def fp16_field(entries, t: tl.constexpr):
     """The fp16 at bits 16t..16t+15 of int32/int64 table entries."""
     return ((entries >> (16 * t)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def split_fp16(a):
-    """fp32 a -> (hi, lo) fp16 with hi + lo = a to about 2^-22 relative: fp16 tensor-core dots against both
-    reach fp32-level accuracy. Needs |a| < 65504."""
-    hi = a.to(tl.float16)
-    return hi, (a - hi.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -130,27 +124,22 @@ def _dequant_kernel(
     norms_ptr, stride_nb, stride_nh, stride_nn,
     rot_ptr, table_ptr,
     out_ptr, stride_ob, stride_oh, stride_on, stride_od,
-    heads, n_tokens,
-    HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    heads, n_tokens, rot_scale,
+    HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
+    ROT_PIECES: tl.constexpr,
 ):
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     rows64 = rows.to(tl.int64)
     row_ptrs = packed_ptr + b * stride_pb + h * stride_ph + rows64 * stride_pn
     norms = tl.load(norms_ptr + b * stride_nb + h * stride_nh + rows64 * stride_nn, mask=row_valid, other=0.0)
-    dims = tl.arange(0, HEAD_DIM)
-    ks = tl.arange(0, BLOCK_K)
-    dense = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    # c[idx] @ R contracted over BLOCK_K coordinates at a time (decoded once each): small dot operands
-    # stay in registers where a whole (BLOCK_M, HEAD_DIM) operand would spill. R (fp32) = hi + lo in fp16,
-    # the fp16 centroids exact: two fp16 dots give about fp32 accuracy.
-    for k0 in range(0, HEAD_DIM, BLOCK_K):
-        words = load_packed(row_ptrs + (k0 * BITS // 8) * stride_pbyte, row_valid, stride_pbyte, BITS, BLOCK_K)
-        codes = decode_packed(words, table_ptr, BITS)
-        rot_hi, rot_lo = split_fp16(tl.load(rot_ptr + (k0 + ks)[:, None] * HEAD_DIM + dims[None, :]))
-        dense = tl.dot(codes, rot_lo, dense)
-        dense = tl.dot(codes, rot_hi, dense)
-    out_ptrs = out_ptr + b * stride_ob + h * stride_oh + rows64[:, None] * stride_on + dims[None, :] * stride_od
-    tl.store(out_ptrs, (dense * norms[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    codes = decode_packed(load_packed(row_ptrs, row_valid, stride_pbyte, BITS, HEAD_DIM), table_ptr, BITS)
+    out_rows = out_ptr + b * stride_ob + h * stride_oh + rows64 * stride_on
+    cols = tl.arange(0, BLOCK_COL)
+    # The fp16 centroids are exact: c[idx] @ R costs one fp16 dot per piece of R (one for Hadamard).
+    for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
+        dense = rotate_columns(codes, codes, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 1, ROT_PIECES)
+        tl.store(out_rows[:, None] + (col0 + cols)[None, :] * stride_od,
+                 (dense * (norms * rot_scale)[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _check(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
@@ -189,19 +178,19 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     if n_tokens == 0:
         return None
     device = out.device
-    rot, _ = rotation_matrices(quantizer, device)
+    pieces, rot_scale = rotation_operands(quantizer, device, transpose=False)
     table = centroid_table(quantizer, device)
-    on_cuda = device.type == "cuda"
-    block_m = _BLOCK_M_CUDA if on_cuda else 16
+    launch = _LAUNCH["cuda" if device.type == "cuda" else "cpu"]
+    block_m = max(16, launch["elements"] // quantizer.dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
         q.norms, *q.norms.stride(),
-        rot, table,
+        pieces, table,
         out, *out.stride(),
-        heads, n_tokens,
-        HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_K=min(_BLOCK_K, quantizer.dim),
-        num_warps=8 if on_cuda else 4,
+        heads, n_tokens, rot_scale,
+        HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, quantizer.dim),
+        ROT_PIECES=pieces.shape[0], num_warps=launch["num_warps"],
     )
     return None
 

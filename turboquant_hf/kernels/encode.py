@@ -1,8 +1,8 @@
 """Encode (B, H, n, D) vectors into preallocated QuantizedTensor storage: Triton kernel + torch twin.
 
-The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm, rotation as a matmul with R^T (fp32, IEEE, so
-it differs from the torch fast Walsh-Hadamard only by fp32 rounding), index = number of boundaries < y
-(a binary search; ties go to the lower centroid like ``torch.bucketize``), the bit layout of ``packing.py``,
+The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm, rotation as tensor-core dots with exact products
+(``rotate.rotate_columns``; it differs from the torch matmul only by fp32 rounding), index = number of boundaries < y
+(ties go to the lower centroid like ``torch.bucketize``), the bit layout of ``packing.py``,
 and the stored scale ||x|| / ||c[i]|| (norm correction) or ||x||. QJL quantizers use the torch twin.
 """
 
@@ -20,24 +20,12 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
+from .rotate import rotate_columns, rotation_operands, split_fp16
 
-# Rotation tile edge (BLOCK_COL x BLOCK_COL slices of R^T).
-_BLOCK_COL = 32
-_rotation_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def rotation_matrices(quantizer: TurboQuantizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, R^T), each (dim, dim) fp32 contiguous on ``device``: rotate(x) = x @ R^T, unrotate(y) = y @ R.
-
-    Cached per (kind, dim, seed, device): a rotation is a pure function of those.
-    """
-    rotation = quantizer.state(device)[0]
-    key = (rotation.kind, rotation.dim, rotation.seed, device)
-    found = _rotation_cache.get(key)
-    if found is None:
-        matrix = rotation.matrix().float().contiguous()
-        found = _rotation_cache[key] = (matrix, matrix.T.contiguous())
-    return found
+# Rotated columns per step (a (BLOCK_M, BLOCK_COL) fp32 tile). Launch per device type: a program takes
+# elements / head_dim vectors (at least 16); bench_attention.py --sweep times alternatives on a GPU.
+_BLOCK_COL = 64
+_LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 
 
 def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
@@ -58,44 +46,48 @@ def row_block(heads, n_tokens, BLOCK_M: tl.constexpr):
     return (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64), rows, rows < n_tokens
 
 
+@triton.jit
+def _bucketize(y, boundaries_ptr, BITS: tl.constexpr):
+    """Number of sorted boundaries < y, int32 (ties go to the lower centroid and NaN goes last, like
+    torch.bucketize). Up to 4 bits by comparing with each boundary in turn (registers only: at most 15
+    compare-and-adds, no dependent loads); 8 bits by binary lifting over table loads."""
+    LAST: tl.constexpr = (1 << BITS) - 1
+    indices = tl.zeros(y.shape, dtype=tl.int32)
+    if BITS <= 4:
+        for k in tl.static_range(LAST):
+            indices += (y > tl.load(boundaries_ptr + k)).to(tl.int32)
+    else:
+        for level in tl.static_range(BITS):
+            candidate = indices + (1 << (BITS - 1 - level))
+            indices = tl.where(tl.load(boundaries_ptr + candidate - 1) < y, candidate, indices)
+    return tl.where(y != y, LAST, indices)
+
+
 @triton.jit(do_not_specialize=["n_tokens", "start"])
 def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
-    rot_t_ptr, boundaries_ptr, centroids_ptr,
+    rot_ptr, boundaries_ptr, centroids_ptr,
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
     norms_ptr, stride_nb, stride_nh, stride_nn,
-    heads, n_tokens, start,
+    heads, n_tokens, start, rot_scale,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
-    NORM_CORRECTION: tl.constexpr,
+    ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr,
 ):
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
     x = tl.load(x_rows[:, None] + dims[None, :] * stride_xd, mask=row_valid[:, None], other=0.0).to(tl.float32)
     norms = tl.sqrt(tl.sum(x * x, axis=1))
-    # Zero vectors divide by 1: their norm of 0 decodes them to exact zeros.
-    divisor = tl.where(norms > 0, norms, 1.0)
+    # Zero vectors divide by 1: their norm of 0 decodes them to exact zeros. |unit| <= 1: safe to split into fp16.
+    unit_hi, unit_lo = split_fp16(x * (1.0 / tl.where(norms > 0, norms, 1.0))[:, None])
 
     slot = start + rows.to(tl.int64)
     centroid_sq = tl.zeros((BLOCK_M,), tl.float32)  # ||c[i]||^2, summed column block by column block
     packed_rows = packed_ptr + b * stride_pb + h * stride_ph + slot * stride_pn
-    cols = tl.arange(0, BLOCK_COL)
     PER_BYTE: tl.constexpr = 8 // BITS  # indices per byte (unused at 3 bits: those pack by 3-byte groups)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
-        # rotated[:, cols] = (x / norm) @ R^T[:, cols], contracted in BLOCK_COL slices re-read from x (L1):
-        # small FMA tiles stay in registers where a whole (BLOCK_M, HEAD_DIM) operand would spill.
-        rotated = tl.zeros((BLOCK_M, BLOCK_COL), tl.float32)
-        for k0 in range(0, HEAD_DIM, BLOCK_COL):
-            x_part = tl.load(x_rows[:, None] + (k0 + cols)[None, :] * stride_xd, mask=row_valid[:, None], other=0.0)
-            unit_part = x_part.to(tl.float32) / divisor[:, None]
-            rot_t = tl.load(rot_t_ptr + (k0 + cols)[:, None] * HEAD_DIM + (col0 + cols)[None, :])
-            rotated = tl.dot(unit_part, rot_t, rotated, input_precision="ieee")
-        # Count of boundaries < y by binary lifting over the sorted boundaries; NaN goes last like bucketize.
-        indices = tl.zeros((BLOCK_M, BLOCK_COL), dtype=tl.int32)
-        for level in tl.static_range(BITS):
-            candidate = indices + (1 << (BITS - 1 - level))
-            boundary = tl.load(boundaries_ptr + candidate - 1)
-            indices = tl.where((boundary < rotated) | (rotated != rotated), candidate, indices)
+        rotated = rotate_columns(unit_hi, unit_lo, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 2, ROT_PIECES) * rot_scale
+        indices = _bucketize(rotated, boundaries_ptr, BITS)
         if NORM_CORRECTION:
             centroids = tl.load(centroids_ptr + indices)
             centroid_sq += tl.sum(centroids * centroids, axis=1)
@@ -157,19 +149,21 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     batch, heads, n_tokens, dim = x.shape
     if n_tokens == 0:
         return None
-    _, rot_t = rotation_matrices(quantizer, x.device)
+    pieces, rot_scale = rotation_operands(quantizer, x.device, transpose=True)
     centroids, boundaries = quantizer.state(x.device)[1:3]
     packed, norms = storage.packed_indices, storage.norms
-    block_m = 32 if x.device.type == "cuda" else 16
+    launch = _LAUNCH["cuda" if x.device.type == "cuda" else "cpu"]
+    block_m = max(16, launch["elements"] // dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
-        rot_t, boundaries, centroids,
+        pieces, boundaries, centroids,
         packed, *packed.stride(),
         norms, *norms.stride(),
-        heads, n_tokens, start,
+        heads, n_tokens, start, rot_scale,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, dim),
-        NORM_CORRECTION=quantizer.norm_correction, num_warps=4,
+        ROT_PIECES=pieces.shape[0],
+        NORM_CORRECTION=quantizer.norm_correction, num_warps=launch["num_warps"],
     )
     return None
 
