@@ -41,11 +41,10 @@ from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .dequant import centroid_table, decode_packed, fp16_field, load_packed
 from .encode import triton_unsupported
-from .rotate import rotate_columns, rotation_operands, split_fp16, tile_pieces
+from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
-_BLOCK_COL = 64  # output columns per rotation step (query rotation, merge)
 
 
 @triton.jit
@@ -459,8 +458,9 @@ def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, 
     BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton fails to lay out the gathered
     operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for: 2 (one
     wave at the two programs per SM that the registers allow; fewer splits, less merge work) when programs per split
-    (batch * kv heads * row blocks) are at most a quarter of the SMs (B=1: 1.3-1.5x faster than 8), else 8. Software pipelining (num_stages 2) helps phased tiles by 3-4 % at
-    head_dim 128 and slows the 3-bit path 1.7x. Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (RESULTS.md).
+    (batch * kv heads * row blocks) are at most a quarter of the SMs (B=1: 1.3-1.5x faster than 8), else 8.
+    Software pipelining (num_stages 2) helps phased tiles by 3-4 % at head_dim 128 and slows the 3-bit path 1.7x.
+    Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md).
     """
     block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
     waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= _sm_count(device) else 8
@@ -541,7 +541,7 @@ def decode_attention_triton(
         query, *query.stride(),
         rot_t, q_rot,
         kv_heads, group, n_queries, padded_rows, float(scale) * rot_t_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(_BLOCK_COL, dim),
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(COLUMN_BLOCK, dim),
         TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=rot_t.shape[0], num_warps=4,
     )
     _split_kernel[(slots, batch * kv_heads, row_blocks)](
@@ -569,7 +569,7 @@ def decode_attention_triton(
         part_out, part_max, part_sum, rot,
         out, *out.stride(),
         kv_heads, group, n_queries, splits, padded_rows, rot_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(_BLOCK_COL, dim), ROT_PIECES=rot.shape[0],
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(COLUMN_BLOCK, dim), ROT_PIECES=rot.shape[0],
         num_warps=4,
     )
     return out

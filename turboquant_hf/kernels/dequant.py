@@ -24,12 +24,10 @@ from ..backend import backend_for, cdiv, warn_once
 from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .encode import row_block, triton_unsupported
-from .rotate import rotate_columns, rotation_operands
+from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands
 
-# Output columns per step. Launch per device type: a program takes elements / head_dim vectors (at least 16; each
-# program reads the rotation's pieces from L2, so larger blocks cut that traffic); bench_attention.py --sweep
-# times alternatives on a GPU.
-_BLOCK_COL = 64
+# Launch per device type: a program takes elements / head_dim vectors (at least 16; each program reads the
+# rotation's pieces from L2, so larger blocks cut that traffic); bench_attention.py --sweep times alternatives.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 # Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
 _TORCH_SLICE_VECTORS = 1 << 14
@@ -189,8 +187,8 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         pieces, table,
         out, *out.stride(),
         heads, n_tokens, rot_scale,
-        HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, quantizer.dim),
-        ROT_PIECES=pieces.shape[0], num_warps=launch["num_warps"],
+        HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
+        BLOCK_COL=min(COLUMN_BLOCK, quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=launch["num_warps"],
     )
     return None
 

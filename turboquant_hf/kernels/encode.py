@@ -20,11 +20,10 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .rotate import rotate_columns, rotation_operands, split_fp16
+from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands, split_fp16
 
-# Rotated columns per step (a (BLOCK_M, BLOCK_COL) fp32 tile). Launch per device type: a program takes
-# elements / head_dim vectors (at least 16); bench_attention.py --sweep times alternatives on a GPU.
-_BLOCK_COL = 64
+# Launch per device type: a program takes elements / head_dim vectors (at least 16); bench_attention.py --sweep
+# times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 
 
@@ -161,7 +160,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
         packed, *packed.stride(),
         norms, *norms.stride(),
         heads, n_tokens, start, rot_scale,
-        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(_BLOCK_COL, dim),
+        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(COLUMN_BLOCK, dim),
         ROT_PIECES=pieces.shape[0],
         NORM_CORRECTION=quantizer.norm_correction, num_warps=launch["num_warps"],
     )

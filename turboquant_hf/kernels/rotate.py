@@ -4,9 +4,9 @@ A rotation matrix M (R or R^T, fp32) is handed to a kernel as ``pieces``: P fp16
 The randomized Hadamard rotation is sqrt(D) * R = H diag(signs), whose entries are +-1: one exact piece, scale
 1 / sqrt(D). A dense (Haar) rotation is split into fp16 hi + lo (2 pieces, 22 bits), scale 1. The other operand
 is split the same way (``split_fp16``): fp16 tiles are exact as they are (one piece), fp32 tiles become fp16
-hi + lo. Each product of two pieces is exact in the tensor core's fp32 accumulator, so a
-rotation costs one to three fp16 dots instead of an fp32 FMA matmul (the encode kernel spent most of its time
-there), within ~2^-22 relative of fp32: the lo x lo term is dropped. fp32 tiles must stay below 65504 in
+hi + lo. Each product of two pieces is exact in the tensor core's fp32 accumulator, so a rotation costs one to
+three fp16 dots instead of an fp32 FMA matmul (the encode kernel spent most of its time there), within ~2^-22
+relative of fp32: the lo x lo term is dropped. fp32 tiles must stay below 65504 in
 magnitude (callers normalize first or document the bound). fp16, not bf16: Triton's interpreter computes bf16
 dots on the raw bits (3.9), and the same operations must run under the interpreter in the CPU tests.
 """
@@ -27,6 +27,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..quantizer import TurboQuantizer
 
+COLUMN_BLOCK = 64  # output columns per rotate_columns call in the kernels (a (rows, 64) fp32 tile)
 _operand_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
 
 
@@ -35,7 +36,8 @@ def tile_pieces(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.float16 else 2
 
 
-def rotation_operands(quantizer: TurboQuantizer, device: torch.device, *, transpose: bool) -> tuple[torch.Tensor, float]:
+def rotation_operands(quantizer: TurboQuantizer, device: torch.device, *,
+                      transpose: bool) -> tuple[torch.Tensor, float]:
     """(pieces, scale): pieces (P, D, D) fp16 contiguous, P = 1 (Hadamard) or 2 (dense), with
     scale * pieces.sum(0) = R^T (``transpose``, rotate: x @ R^T) or R (unrotate: y @ R) to ~2^-22 relative.
     Cached per (kind, dim, seed, device, transpose)."""
