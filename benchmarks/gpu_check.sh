@@ -72,7 +72,7 @@ for step in "${STEPS[@]}"; do
             run_step speed bash -o pipefail -c "python -c 'import bench_generate as b, sys; \
 b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
                 python -m turboquant_hf.eval speed --model /tmp/llama-8b-shape --attn-implementation turboquant \
-                --prompt-tokens 8192 --batch 4 --new-tokens 32 --caches dynamic,tq4,tq3,tq2,k4v3,fp8 --quiet \
+                --prompt-tokens 8192 --batch 4 --new-tokens 32 --caches dynamic,tq4,tq3,tq2,k4v3 --quiet \
                 --json '$OUT/eval_speed.json' --markdown '$OUT/eval_speed.md'" ;;
         agreement)
             run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
