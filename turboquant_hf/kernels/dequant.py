@@ -23,11 +23,11 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 from ..backend import backend_for, cdiv, warn_once
 from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .encode import row_block, triton_unsupported
+from .encode import row_block, row_launch, triton_unsupported
 from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands
 
-# Launch per device type: a program takes elements / head_dim vectors (at least 16; each program reads the
-# rotation's pieces from L2, so larger blocks cut that traffic); bench_attention.py --sweep times alternatives.
+# Launch per device type (see encode.row_launch; each program reads the rotation's pieces from L2, so larger blocks
+# cut that traffic); bench_attention.py --sweep times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 # Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
 _TORCH_SLICE_VECTORS = 1 << 14
@@ -131,13 +131,14 @@ def _dequant_kernel(
     row_ptrs = packed_ptr + b * stride_pb + h * stride_ph + rows64 * stride_pn
     norms = tl.load(norms_ptr + b * stride_nb + h * stride_nh + rows64 * stride_nn, mask=row_valid, other=0.0)
     codes = decode_packed(load_packed(row_ptrs, row_valid, stride_pbyte, BITS, HEAD_DIM), table_ptr, BITS)
+    scales = norms * rot_scale
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows64 * stride_on
     cols = tl.arange(0, BLOCK_COL)
     # The fp16 centroids are exact: c[idx] @ R costs one fp16 dot per piece of R (one for Hadamard).
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
         dense = rotate_columns(codes, codes, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 1, ROT_PIECES)
         tl.store(out_rows[:, None] + (col0 + cols)[None, :] * stride_od,
-                 (dense * (norms * rot_scale)[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+                 (dense * scales[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _check(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
@@ -178,8 +179,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     device = out.device
     pieces, rot_scale = rotation_operands(quantizer, device, transpose=False)
     table = centroid_table(quantizer, device)
-    launch = _LAUNCH["cuda" if device.type == "cuda" else "cpu"]
-    block_m = max(16, launch["elements"] // quantizer.dim)
+    block_m, num_warps = row_launch(_LAUNCH, device, quantizer.dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
@@ -188,7 +188,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         out, *out.stride(),
         heads, n_tokens, rot_scale,
         HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
-        BLOCK_COL=min(COLUMN_BLOCK, quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=launch["num_warps"],
+        BLOCK_COL=min(COLUMN_BLOCK, quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=num_warps,
     )
     return None
 

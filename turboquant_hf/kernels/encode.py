@@ -22,8 +22,7 @@ from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands, split_fp16
 
-# Launch per device type: a program takes elements / head_dim vectors (at least 16); bench_attention.py --sweep
-# times alternatives on a GPU.
+# Launch per device type (see row_launch); bench_attention.py --sweep times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 
 
@@ -35,6 +34,13 @@ def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
     if dim < 16 or dim & (dim - 1):
         return f"head_dim={dim} (Triton tiles need a power of two >= 16)"
     return None
+
+
+def row_launch(launch: dict, device: torch.device, dim: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for a kernel over rows of ``dim`` coordinates, from its per-device-type launch table
+    ({"cuda": {"elements", "num_warps"}, "cpu": ...}): elements / dim vectors per program, at least 16."""
+    chosen = launch["cuda" if device.type == "cuda" else "cpu"]
+    return max(16, chosen["elements"] // dim), chosen["num_warps"]
 
 
 @triton.jit
@@ -151,8 +157,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     pieces, rot_scale = rotation_operands(quantizer, x.device, transpose=True)
     centroids, boundaries = quantizer.state(x.device)[1:3]
     packed, norms = storage.packed_indices, storage.norms
-    launch = _LAUNCH["cuda" if x.device.type == "cuda" else "cpu"]
-    block_m = max(16, launch["elements"] // dim)
+    block_m, num_warps = row_launch(_LAUNCH, x.device, dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
@@ -162,7 +167,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
         heads, n_tokens, start, rot_scale,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(COLUMN_BLOCK, dim),
         ROT_PIECES=pieces.shape[0],
-        NORM_CORRECTION=quantizer.norm_correction, num_warps=launch["num_warps"],
+        NORM_CORRECTION=quantizer.norm_correction, num_warps=num_warps,
     )
     return None
 
