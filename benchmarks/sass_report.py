@@ -45,7 +45,8 @@ INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 def compile_split_kernel(args) -> tuple[str, str]:
     """(ptxas -v report, SASS) of _split_kernel for sm_90a with the given constexprs."""
     table = "*i64" if args.bits in (1, 2) else ("*fp16" if args.bits == 8 else "*i32")
-    constants = {"HEAD_DIM": args.head_dim, "BLOCK_R": 16, "BLOCK_N": args.block_n, "K_BITS": args.bits,
+    constants = {"HEAD_DIM": args.head_dim, "BLOCK_R": 16, "BLOCK_N": args.block_n,
+                 "RESIDUAL_BLOCK_N": args.residual_block_n, "K_BITS": args.bits,
                  "V_BITS": args.bits, "K_PHASES": _phases(args.bits, args.head_dim),
                  "V_PHASES": _phases(args.bits, args.head_dim), "HAS_RESIDUAL": not args.no_residual,
                  "MASK_KIND": 0, "USE_SOFTCAP": False, **{name: 1 for name in UNIT_STRIDES}}
@@ -78,15 +79,19 @@ def compile_split_kernel(args) -> tuple[str, str]:
     return report, sass
 
 
+LOAD = re.compile(r"(?:@!?U?P\w+\s+)?LD(?:G|S)(?!M)")  # global and shared loads (not LDSM: operand moves)
+
+
 def hottest_loop(sass: str) -> list[str]:
-    """Instructions of the backward-branch loop with the most global loads."""
+    """Instructions of the backward-branch loop with the most global and shared loads: the compressed-token loop
+    (its table lookups are shared or global gathers; the dense window's loop has a few wide loads)."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.search, sass.splitlines()) if m]
     best: list[str] = []
     for address, text in instructions:
         target = re.search(r"BRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
             body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
-            if sum("LDG" in t for t in body) > sum("LDG" in t for t in best):
+            if sum(bool(LOAD.match(t)) for t in body) > sum(bool(LOAD.match(t)) for t in best):
                 best = body
     return best
 
@@ -97,6 +102,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--residual-block-n", type=int, default=32)
     parser.add_argument("--stages", type=int, help="num_stages (default: the kernel's own launch config)")
     parser.add_argument("--no-residual", action="store_true", help="compile without the dense-window branch")
     args = parser.parse_args()

@@ -207,6 +207,30 @@ def test_rotate_columns_matches_float64(rotation, dtype):
     assert ((out.double() * scale - expected).abs().max() <= 2.0**-20 * expected.abs().max()).item()
 
 
+@triton.jit
+def _bucketize_kernel(y_ptr, boundaries_ptr, out_ptr, N: tl.constexpr, BITS: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, encode_mod._bucketize(tl.load(y_ptr + offsets), boundaries_ptr, BITS))
+
+
+@small
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
+def test_bucketize_matches_torch_on_ties_signs_and_nan(bits):
+    """The kernel's index rule equals torch.bucketize (boundaries < y) exactly: every boundary, its neighbouring
+    floats on both sides, +-0, the extremes, NaN (last index), and random values of both signs."""
+    boundaries = TurboQuantizer(64, bits).state(DEVICE)[2]
+    neighbours = torch.cat([boundaries, torch.nextafter(boundaries, torch.tensor(2.0, device=DEVICE)),
+                            torch.nextafter(boundaries, torch.tensor(-2.0, device=DEVICE))])
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, float("nan")], device=DEVICE)
+    values = torch.cat([neighbours, special, _randn(1, 1, 1, 512, seed=9).flatten() * 0.3])
+    y = torch.full((2048,), float("nan"), device=DEVICE)
+    y[: values.numel()] = values
+    out = torch.empty(2048, dtype=torch.int32, device=DEVICE)
+    _bucketize_kernel[(1,)](y, boundaries, out, 2048, bits)
+    expected = torch.where(y.isnan(), 2**bits - 1, torch.bucketize(y, boundaries))
+    assert torch.equal(out.long(), expected)
+
+
 # ----------------------------------------------------------------------------------------------- encode
 
 

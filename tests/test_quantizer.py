@@ -105,6 +105,9 @@ def test_centroids_are_the_codebook_rounded_to_float16(bits):
     assert torch.equal(centroids, centroids.half().float())
     assert torch.all((centroids - exact).abs() <= 2.0**-11 * exact.abs())
     assert torch.equal(boundaries, (centroids[1:] + centroids[:-1]) / 2)
+    # Exactly symmetric, middle boundary 0: the encode kernel compares |y| with the positive half only.
+    assert torch.equal(centroids, -centroids.flip(0)) and torch.equal(boundaries, -boundaries.flip(0))
+    assert boundaries[2 ** (bits - 1) - 1] == 0
 
 
 # ---------------------------------------------------------------------------------------------- QJL

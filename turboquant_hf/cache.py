@@ -6,7 +6,7 @@ Storage of one attention layer (``TurboQuantLayer``), for batch B, kv heads H, h
                                   (uint8) and fp32 norms, contiguous per (batch, head), appended in
                                   blocks; only the first ``compressed_length`` tokens are valid.
     keys / values                 (B, H, r, D) in the model dtype: the newest tokens in full precision
-                                  (the "residual window"): r grows to residual_length + min(64,
+                                  (the "residual window"): r grows to residual_length + min(32,
                                   residual_length), then all but the newest residual_length are
                                   compressed in one block (residual_length=0: every token at once).
 
@@ -29,13 +29,16 @@ from .codebook import SUPPORTED_BITS
 from .quantizer import QuantizedTensor, TurboQuantizer
 from .rotation import ROTATIONS
 
-# Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block.
-_FLUSH_BLOCK = 64
-# Storage capacity is a multiple of this many tokens and grows by a 64th of its size (at least 4 blocks):
-# at most ~1.6% spare capacity (which ``memory_report`` counts) for a copy of the storage every ~1.6% of
-# growth, i.e. every 512 tokens at 32K: negligible next to the decode steps in between.
+# Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block
+# (an encode launch per layer every 32 decode steps; the window stays within 25 % of its 128 default tokens).
+_FLUSH_BLOCK = 32
+# Storage capacity is a multiple of _GROWTH_BLOCK tokens and grows by a 512th of its size (at least 2 blocks):
+# at most ~0.2 % spare capacity at long lengths (which ``memory_report`` counts; 1.6 % with a 64th cost the
+# 32K-token cache its 3.7x), for a copy of the storage every 128 tokens at 32K and every 2K at 1M: below 0.2 % of the
+# decode time in between (bench_generate.py on an H200, RESULTS.md). The copy is made layer by layer.
 _GROWTH_BLOCK = 64
-_GROWTH_FRACTION = 64
+_GROWTH_FRACTION = 512
+_GROWTH_MIN_BLOCKS = 2
 
 
 # Weak references to the layer of the latest update() and the keys it returned: the "turboquant"
@@ -205,7 +208,7 @@ class TurboQuantLayer(DynamicLayer):
         needed = self.compressed_length + keys.shape[-2]
         capacity = self.key_storage.norms.shape[-1]
         if needed > capacity:
-            new_capacity = max(needed, capacity + max(capacity // _GROWTH_FRACTION, 4 * _GROWTH_BLOCK))
+            new_capacity = max(needed, capacity + max(capacity // _GROWTH_FRACTION, _GROWTH_MIN_BLOCKS * _GROWTH_BLOCK))
             new_capacity = -(-new_capacity // _GROWTH_BLOCK) * _GROWTH_BLOCK
             self.key_storage = self._grow(self.key_storage, self.key_quantizer, new_capacity)
             self.value_storage = self._grow(self.value_storage, self.value_quantizer, new_capacity)

@@ -170,6 +170,7 @@ def _split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    RESIDUAL_BLOCK_N: tl.constexpr,
 ):
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
 
@@ -268,13 +269,13 @@ def _split_kernel(
             q = q.to(tl.float32) * scale
             rk_rows = rk_ptr + b * stride_rkb + h * stride_rkh
             rv_rows = rv_ptr + b * stride_rvb + h * stride_rvh
-            for n0 in range(0, residual_len, BLOCK_N):
-                offsets = n0 + kv_offsets
+            for n0 in range(0, residual_len, RESIDUAL_BLOCK_N):
+                offsets = n0 + tl.arange(0, RESIDUAL_BLOCK_N)
                 kv_valid = offsets < residual_len
                 offsets64 = offsets.to(tl.int64)
                 keys = tl.load(rk_rows + offsets64[:, None] * stride_rkn + dims[None, :] * stride_rkd,
                                mask=kv_valid[:, None], other=0.0)
-                scores = _dot3(q, tl.trans(keys.to(tl.float32)), tl.zeros((BLOCK_R, BLOCK_N), tl.float32))
+                scores = _dot3(q, tl.trans(keys.to(tl.float32)), tl.zeros((BLOCK_R, RESIDUAL_BLOCK_N), tl.float32))
                 logits = _masked_logits(scores, compressed_len + offsets, kv_valid, query_pos, row_valid, mask_rows,
                                         stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
                 weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
@@ -456,16 +457,20 @@ def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, 
     tiles are phased (4 or 2 bits).
 
     BLOCK_R rows (>= 16 for tl.dot; <= 32 keeps Hopper on mma.sync, where Triton fails to lay out the gathered
-    operand for wgmma); BLOCK_N tokens per step; "waves" is programs per SM that the split count aims for: 2 (one
-    wave at the two programs per SM that the registers allow; fewer splits, less merge work) when programs per split
-    (batch * kv heads * row blocks) are at most a quarter of the SMs (B=1: 1.3-1.5x faster than 8), else 8.
-    Software pipelining (num_stages 2) helps phased tiles by 3-4 % at head_dim 128 and slows the 3-bit path 1.7x.
-    Chosen from ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md).
+    operand for wgmma); BLOCK_N tokens per step of the compressed loop, RESIDUAL_BLOCK_N of the dense window's (32:
+    its fp32 tiles then need fewer registers than the compressed loop, which sets the kernel's count); "waves" is
+    programs per SM that the split count aims for: 2 (one wave at the two programs per SM that the registers allow;
+    fewer splits, less merge work) when programs per split (batch * kv heads * row blocks) are at most a quarter of
+    the SMs (B=1: 1.3-1.5x faster than 8), else 16 (B=8: 2-7 % faster than 8). Software pipelining (num_stages 2)
+    helps phased tiles by 3-4 % at head_dim 128 and slows the 3-bit path 1.7x. Chosen from
+    ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md); smaller BLOCK_N or 8 warps (3-4
+    programs per SM) were not faster.
     """
     block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
-    waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= _sm_count(device) else 8
+    waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= _sm_count(device) else 16
     stages = 2 if phased and head_dim <= 128 else 1  # head_dim 256, fp32 window: 2 stages overflow shared memory
-    return {"BLOCK_R": block_r, "BLOCK_N": 128, "num_warps": 4, "num_stages": stages, "waves": waves}
+    return {"BLOCK_R": block_r, "BLOCK_N": 128, "RESIDUAL_BLOCK_N": 32, "num_warps": 4, "num_stages": stages,
+            "waves": waves}
 
 
 def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, device: torch.device) -> tuple[int, int]:
@@ -558,7 +563,7 @@ def decode_attention_triton(
         part_out, part_max, part_sum,
         kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
         float(scale), float(softcap) if softcap is not None else 1.0,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n, RESIDUAL_BLOCK_N=config["RESIDUAL_BLOCK_N"],
         K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
         K_PHASES=key_phases, V_PHASES=value_phases,
         HAS_RESIDUAL=residual_len > 0,
