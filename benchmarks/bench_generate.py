@@ -30,6 +30,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import turboquant_hf
 from turboquant_hf import TurboQuantCache
+from turboquant_hf.eval.loading import forward
 
 CONFIGS = {
     "dynamic": ("sdpa", lambda: DynamicCache()),
@@ -74,17 +75,17 @@ def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int, pr
     start = time.perf_counter()
     # Prefill in chunks of 8K tokens so that the MLP activations of a long prompt do not dominate memory.
     for begin in range(0, prompt, 8192):
-        logits = model(ids[:, begin:begin + 8192], past_key_values=cache, logits_to_keep=1).logits
+        logits = forward(model, ids[:, begin:begin + 8192], cache, logits_to_keep=1).logits
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
     token = logits[:, -1].argmax(-1, keepdim=True)
     # Two warm-up steps (Triton compilation, allocator), then the timed decode.
     for _ in range(2):
-        token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = forward(model, token, cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(new):
-        token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = forward(model, token, cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - start
     if profile:
@@ -92,7 +93,7 @@ def run_once(model, impl: str, make_cache, batch: int, prompt: int, new: int, pr
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+                token = forward(model, token, cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
             torch.cuda.synchronize()
         print(f"--- profile: {impl} B={batch}, 3 decode steps", flush=True)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
@@ -132,11 +133,11 @@ def fits(model, impl, make_cache, context: int, last_chunk: int) -> bool:
     try:
         cache = make_cache()
         ids = torch.randint(0, model.config.vocab_size, (1, last_chunk), device=model.device)
-        model(ids[:, :16], past_key_values=cache, logits_to_keep=1)
+        forward(model, ids[:, :16], cache, logits_to_keep=1)
         fill(model, cache, context - last_chunk - 16)
-        token = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = forward(model, ids, cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(2):
-            token = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            token = forward(model, token, cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         return True
     except torch.OutOfMemoryError:

@@ -15,7 +15,7 @@ import json
 import torch
 
 from turboquant_hf import TurboQuantCache
-from turboquant_hf.eval.loading import PROSE_TEXT
+from turboquant_hf.eval.loading import PROSE_TEXT, forward
 from turboquant_hf.models import load_smollm2
 
 from bench_generate import build_model  # noqa: E402  (run from benchmarks/ or with it on sys.path)
@@ -25,13 +25,13 @@ from bench_generate import build_model  # noqa: E402  (run from benchmarks/ or w
 def greedy(model, impl, ids, new, bits):
     model.set_attn_implementation(impl)
     cache = TurboQuantCache(bits=bits, residual_length=128)
-    logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    logits = forward(model, ids, cache, logits_to_keep=1).logits[:, -1]
     tokens, steps = [], []
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
         steps.append(logits.float())
-        logits = model(token, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = forward(model, token, cache, logits_to_keep=1).logits[:, -1]
     return torch.cat(tokens, -1), steps
 
 

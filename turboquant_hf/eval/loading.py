@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
@@ -93,8 +94,13 @@ def read_text(path: str | Path) -> str:
 
 
 def cache_kwarg(model) -> str:
-    """The forward argument that takes the cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The forward argument that takes the cache: ``cache`` (transformers >= 5.23) or ``past_key_values``."""
+    return _cache_parameter(type(model))
+
+
+@functools.cache
+def _cache_parameter(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def forward(model, input_ids: torch.Tensor, cache, **kwargs):
