@@ -5,7 +5,8 @@
     VARIANT=all python benchmarks/probe_encode_bucketize.py         # every boundary at 1-4 bits (the kernel
                                                                      # before 1d4a1c6)
 
-Swaps ``_bucketize`` of ``turboquant_hf.kernels.encode`` before the kernel compiles (one variant per process), then
+Swaps ``_bucketize`` of ``turboquant_hf.kernels.encode`` for one that always uses its ``_count_symmetric`` or
+``_count_all`` before the kernel compiles (one variant per process), then
 times ``encode_into_triton`` (CUDA-graph replay, median of 30) on 8 heads x 64K bf16 vectors of head_dim 128 at
 4, 3 and 2 bits, as the codec rows of bench_attention.py do, and checks the packed indices against the torch
 twin's (equal except within 1e-5 / sqrt(D) of a boundary, as the tests require). Prints one JSON line per bits.
@@ -32,24 +33,12 @@ encode = importlib.import_module("turboquant_hf.kernels.encode")
 
 @triton.jit
 def _bucketize_symmetric(y, boundaries_ptr, BITS: tl.constexpr):
-    LAST: tl.constexpr = (1 << BITS) - 1
-    HALF: tl.constexpr = 1 << (BITS - 1)
-    magnitude = tl.abs(y)
-    nudged = tl.where(y < 0, (magnitude.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), magnitude)
-    count = tl.zeros(y.shape, dtype=tl.float32)
-    for k in tl.static_range(HALF - 1):
-        count += (nudged > tl.load(boundaries_ptr + HALF + k)).to(tl.float32)
-    count = count.to(tl.int32)
-    return tl.where(y != y, LAST, tl.where(y > 0, HALF + count, HALF - 1 - count))
+    return tl.where(y != y, (1 << BITS) - 1, encode._count_symmetric(y, boundaries_ptr, BITS))
 
 
 @triton.jit
 def _bucketize_all(y, boundaries_ptr, BITS: tl.constexpr):
-    LAST: tl.constexpr = (1 << BITS) - 1
-    indices = tl.zeros(y.shape, dtype=tl.int32)
-    for k in tl.static_range(LAST):
-        indices += (y > tl.load(boundaries_ptr + k)).to(tl.int32)
-    return tl.where(y != y, LAST, indices)
+    return tl.where(y != y, (1 << BITS) - 1, encode._count_all(y, boundaries_ptr, BITS))
 
 
 def main() -> None:

@@ -462,7 +462,7 @@ def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, 
     programs per SM that the split count aims for: 2 (one wave at the two programs per SM that the registers allow;
     fewer splits, less merge work) when programs per split (batch * kv heads * row blocks) are at most a quarter of
     the SMs (B=1: 1.3-1.5x faster than 8), else 16 (B=8: 2-7 % faster than 8). Software pipelining (num_stages 2)
-    helps phased tiles by 3-4 % at head_dim 128 and slows the 3-bit path 1.7x. Chosen from
+    helps phased tiles by 2-8 % at head_dim 128 and slows the 3-bit path 1.6-1.8x. Chosen from
     ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md); smaller BLOCK_N or 8 warps (3-4
     programs per SM) were not faster.
     """

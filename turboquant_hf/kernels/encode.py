@@ -52,28 +52,41 @@ def row_block(heads, n_tokens, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _count_all(y, boundaries_ptr, BITS: tl.constexpr):
+    """Number of the 2**BITS - 1 sorted boundaries < y, int32: one compare-and-add per boundary, in registers."""
+    count = tl.zeros(y.shape, dtype=tl.int32)
+    for k in tl.static_range((1 << BITS) - 1):
+        count += (y > tl.load(boundaries_ptr + k)).to(tl.int32)
+    return count
+
+
+@triton.jit
+def _count_symmetric(y, boundaries_ptr, BITS: tl.constexpr):
+    """Same result as _count_all with half the compares, for a symmetric codebook (b[L-2-k] = -b[k] and
+    b[L/2-1] = 0 exactly, L = 2**BITS levels; ``TurboQuantizer`` builds it so): count the L/2-1 positive boundaries
+    below |y|; y > 0 gives L/2 + count, y <= 0 gives L/2-1 - count', where count' counts those <= |y| (|y| nudged
+    up one ulp, so ties still go to the lower centroid). 0/1 summed in fp32 (exact, fewer instructions)."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    magnitude = tl.abs(y)
+    nudged = tl.where(y < 0, (magnitude.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), magnitude)
+    count = tl.zeros(y.shape, dtype=tl.float32)
+    for k in tl.static_range(HALF - 1):
+        count += (nudged > tl.load(boundaries_ptr + HALF + k)).to(tl.float32)
+    count = count.to(tl.int32)
+    return tl.where(y > 0, HALF + count, HALF - 1 - count)
+
+
+@triton.jit
 def _bucketize(y, boundaries_ptr, BITS: tl.constexpr):
     """Number of sorted boundaries < y, int32 (ties go to the lower centroid and NaN goes last, like
-    torch.bucketize); y finite or NaN. In registers up to 4 bits, no dependent loads. At 4 bits the codebook's
-    symmetry (b[L-2-k] = -b[k] and b[L/2-1] = 0 exactly for L = 2**BITS levels; ``TurboQuantizer`` builds it so)
-    halves the compares: count the 7 positive boundaries below |y|, then y > 0 gives L/2 + count and y <= 0 gives
-    L/2-1 - count', where count' counts those <= |y| (|y| nudged up one ulp, so ties still go to the lower
-    centroid); 0/1 summed in fp32 (exact). On an H200 that made 4-bit encode 1.4x faster and 3-bit encode 1.1x
-    slower, so up to 3 bits compares with every boundary. 8 bits by binary lifting over table loads."""
+    torch.bucketize); y finite or NaN. Up to 4 bits in registers with no dependent loads: _count_symmetric at 4 bits
+    (on an H200 1.4x faster encode than _count_all), _count_all below (the symmetric count made 3-bit encode 1.1x
+    slower; ``benchmarks/probe_encode_bucketize.py``). 8 bits by binary lifting over table loads."""
     LAST: tl.constexpr = (1 << BITS) - 1
     if BITS == 4:
-        HALF: tl.constexpr = 1 << (BITS - 1)
-        magnitude = tl.abs(y)
-        nudged = tl.where(y < 0, (magnitude.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), magnitude)
-        count = tl.zeros(y.shape, dtype=tl.float32)
-        for k in tl.static_range(HALF - 1):
-            count += (nudged > tl.load(boundaries_ptr + HALF + k)).to(tl.float32)
-        count = count.to(tl.int32)
-        indices = tl.where(y > 0, HALF + count, HALF - 1 - count)
+        indices = _count_symmetric(y, boundaries_ptr, BITS)
     elif BITS < 4:
-        indices = tl.zeros(y.shape, dtype=tl.int32)
-        for k in tl.static_range(LAST):
-            indices += (y > tl.load(boundaries_ptr + k)).to(tl.int32)
+        indices = _count_all(y, boundaries_ptr, BITS)
     else:
         indices = tl.zeros(y.shape, dtype=tl.int32)
         for level in tl.static_range(BITS):
