@@ -102,13 +102,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--residual-block-n", type=int, default=32)
+    parser.add_argument("--residual-block-n", type=int, help="tokens per step of the dense window's loop (default: "
+                        "the kernel's own launch config)")
     parser.add_argument("--stages", type=int, help="num_stages (default: the kernel's own launch config)")
     parser.add_argument("--no-residual", action="store_true", help="compile without the dense-window branch")
     args = parser.parse_args()
-    if args.stages is None:
-        phased = _phases(args.bits, args.head_dim) > 1
-        args.stages = _attention_config(args.head_dim, 4, 64, phased, torch.device("cpu"))["num_stages"]
+    phased = _phases(args.bits, args.head_dim) > 1
+    shipped = _attention_config(args.head_dim, 4, 64, phased, torch.device("cpu"))
+    args.stages = shipped["num_stages"] if args.stages is None else args.stages
+    if args.residual_block_n is None:
+        args.residual_block_n = shipped["RESIDUAL_BLOCK_N"]
     report, sass = compile_split_kernel(args)
     print(f"triton {triton.__version__}, sm_90a, bits {args.bits}, head_dim {args.head_dim}, BLOCK_N {args.block_n}, "
           f"{args.warps} warps, {args.stages} stages")

@@ -41,7 +41,7 @@ from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .dequant import centroid_table, decode_packed, fp16_field, load_packed
 from .encode import triton_unsupported
-from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands, split_fp16, tile_pieces
+from .rotate import column_block, rotate_columns, rotation_operands, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
@@ -326,12 +326,13 @@ def _merge_kernel(
     out_rows = out_ptr + b * stride_ob + (h * group + rows // n_queries) * stride_oh + (rows % n_queries) * stride_om
     # Normalized before the rotation: |merged| stays below the largest value norm (< 65504, see split_fp16).
     merged_hi, merged_lo = split_fp16(merged * inverse_sum[:, None])
+    residual_scale = residual_weight * inverse_sum
     cols = tl.arange(0, BLOCK_COL)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
         out = rotate_columns(merged_hi, merged_lo, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 2, ROT_PIECES) * rot_scale
         residual = tl.load(part_out_ptr + residual_rows[:, None] * HEAD_DIM + (col0 + cols)[None, :],
                            mask=row_valid[:, None], other=0.0)
-        out = out + residual_weight[:, None] * inverse_sum[:, None] * residual
+        out = out + residual_scale[:, None] * residual
         tl.store(out_rows[:, None] + (col0 + cols)[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=row_valid[:, None])
 
@@ -546,7 +547,7 @@ def decode_attention_triton(
         query, *query.stride(),
         rot_t, q_rot,
         kv_heads, group, n_queries, padded_rows, float(scale) * rot_t_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(COLUMN_BLOCK, dim),
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
         TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=rot_t.shape[0], num_warps=4,
     )
     _split_kernel[(slots, batch * kv_heads, row_blocks)](
@@ -574,7 +575,7 @@ def decode_attention_triton(
         part_out, part_max, part_sum, rot,
         out, *out.stride(),
         kv_heads, group, n_queries, splits, padded_rows, rot_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=min(COLUMN_BLOCK, dim), ROT_PIECES=rot.shape[0],
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=rot.shape[0],
         num_warps=4,
     )
     return out

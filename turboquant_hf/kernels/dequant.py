@@ -24,7 +24,7 @@ from ..backend import backend_for, cdiv, warn_once
 from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from .encode import row_block, row_launch, triton_unsupported
-from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands
+from .rotate import column_block, rotate_columns, rotation_operands
 
 # Launch per device type (see encode.row_launch; each program reads the rotation's pieces from L2, so larger blocks
 # cut that traffic); bench_attention.py --sweep times alternatives on a GPU.
@@ -188,7 +188,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         out, *out.stride(),
         heads, n_tokens, rot_scale,
         HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
-        BLOCK_COL=min(COLUMN_BLOCK, quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=num_warps,
+        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=num_warps,
     )
     return None
 

@@ -20,7 +20,7 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .rotate import COLUMN_BLOCK, rotate_columns, rotation_operands, split_fp16
+from .rotate import column_block, rotate_columns, rotation_operands, split_fp16
 
 # Launch per device type (see row_launch); bench_attention.py --sweep times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
@@ -192,7 +192,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
         packed, *packed.stride(),
         norms, *norms.stride(),
         heads, n_tokens, start, rot_scale,
-        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=min(COLUMN_BLOCK, dim),
+        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
         ROT_PIECES=pieces.shape[0],
         NORM_CORRECTION=quantizer.norm_correction, num_warps=num_warps,
     )

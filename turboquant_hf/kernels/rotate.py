@@ -27,8 +27,14 @@ except ImportError:  # no triton (macOS, Windows): the torch twins still work an
 
 from ..quantizer import TurboQuantizer
 
-COLUMN_BLOCK = 64  # output columns per rotate_columns call in the kernels (a (rows, 64) fp32 tile)
+_COLUMN_BLOCK = 64  # output columns per rotate_columns call in the kernels (a (rows, 64) fp32 tile)
 _operand_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+
+def column_block(dim: int) -> int:
+    """BLOCK_COL of a kernel that rotates rows of ``dim`` coordinates: 64 output columns per rotate_columns call,
+    fewer when the rows are shorter."""
+    return min(_COLUMN_BLOCK, dim)
 
 
 def tile_pieces(dtype: torch.dtype) -> int:
