@@ -4,7 +4,7 @@
     python benchmarks/check_fused_agreement.py --smollm2 --prompt 512 --new 64
 
 Default: random 8B-shaped Llama layers (hidden 4096, GQA 32/8, head_dim 128, bf16) on CUDA. --smollm2: the real
-SmolLM2-135M-Instruct weights (offline, see turboquant_hf.models) on CUDA if there is one, else on CPU (float32,
+SmolLM2-135M-Instruct weights (offline, see turboquant_hf.testing) on CUDA if there is one, else on CPU (float32,
 where the fused path runs the kernels' torch twins). The prompt is the start of the shipped prose text. The same TurboQuantCache settings on both paths; prints the share of equal
 greedy tokens, the first divergence and the largest difference of the step logits while the paths agree.
 """
@@ -16,7 +16,7 @@ import torch
 
 from turboquant_hf import TurboQuantCache
 from turboquant_hf.eval.loading import PROSE_TEXT, forward
-from turboquant_hf.models import load_smollm2
+from turboquant_hf.testing import load_smollm2
 
 from bench_generate import build_model  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 

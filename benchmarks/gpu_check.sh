@@ -39,7 +39,7 @@ run_step() {  # name, command...
 }
 
 needle_step() {  # 5 depths x 5 caches: at 8K as trained, and at 32K with RoPE stretched 4x two ways
-    local gguf=${SMOLLM2_GGUF:-$(python -c 'from turboquant_hf.models import smollm2_gguf_path as p; print(p())')}
+    local gguf=${SMOLLM2_GGUF:-$(python -c 'from turboquant_hf.testing import smollm2_gguf_path as p; print(p())')}
     local needle=(python -m turboquant_hf.eval needle --model "$(dirname "$gguf")" --gguf-file "$(basename "$gguf")"
                   --depths 0.1,0.3,0.5,0.7,0.9 --caches dynamic,tq4,tq3,tq2,k4v3 --quiet)
     "${needle[@]}" --lengths 8000 --json "$OUT/needle_8k.json" || return

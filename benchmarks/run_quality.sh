@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
-MODEL_DIR=$("$PYTHON" -c "from turboquant_hf.models import smollm2_gguf_path; print(smollm2_gguf_path().parent)")
+MODEL_DIR=$("$PYTHON" -c "from turboquant_hf.testing import smollm2_gguf_path; print(smollm2_gguf_path().parent)")
 MODEL=(--model "$MODEL_DIR" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --device cpu --dtype float32)
 TEXTS=turboquant_hf/eval/texts
 PPL_CACHES=dynamic,tq4,tq3,tq2,tq4:norms=raw,tq3:norms=raw,tq2:norms=raw,tq4-qjl,tq3-qjl,k4v3,k4v2,k2v4,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32,tq3:residual=128

@@ -25,7 +25,7 @@ from transformers import DynamicCache, StoppingCriteria  # noqa: E402
 
 from turboquant_hf import TurboQuantCache  # noqa: E402
 from turboquant_hf.eval.loading import PROSE_TEXT  # noqa: E402
-from turboquant_hf.models import load_smollm2  # noqa: E402
+from turboquant_hf.testing import load_smollm2  # noqa: E402
 
 # transformers >= 5.24 renames generate's `past_key_values` to `cache`; the old name works from 5.17 on.
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)

