@@ -1,11 +1,14 @@
 """attn_implementation="turboquant": same results as the default (dequantize + SDPA) path."""
 
+import threading
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from turboquant_hf import TurboQuantCache
 from turboquant_hf.attention import MAX_FUSED_QUERIES, dense_attention
+from turboquant_hf.eval.loading import forward
 
 
 def tiny_llama():
@@ -41,7 +44,7 @@ def test_fused_path_matches_default_path(builder, residual_length):
     fused_tokens, fused_scores = run(model, "turboquant", ids, fused_cache)
     assert torch.equal(fused_tokens, default_tokens)
     torch.testing.assert_close(fused_scores, default_scores, rtol=1e-4, atol=1e-4)
-    assert any(getattr(layer, "fused", False) for layer in fused_cache.layers)
+    assert any(getattr(layer, "serves_packed", False) for layer in fused_cache.layers)
 
 
 def test_fused_update_returns_no_dense_past():
@@ -49,10 +52,87 @@ def test_fused_update_returns_no_dense_past():
     cache = TurboQuantCache(bits=4, residual_length=4)
     run(model, "turboquant", torch.randint(1, 128, (1, 30)), cache)
     layer = cache.layers[0]
-    window = layer.keys.shape[2]
-    keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    assert layer.fused and keys.shape[2] == window + 1  # the window and the new token only
-    assert layer.attention_compressed_length + window + 1 == layer.get_seq_length()  # the rest is read packed
+    window, past = layer.storage.window_length, layer.storage.length
+    attention_kwargs = {}  # what the model hands to update (transformers >= 5.23)
+    keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), kwargs=attention_kwargs)
+    assert layer.serves_packed and keys.shape[2] == window + 1  # the window and the new token only
+    assert attention_kwargs["turboquant_layer"] is layer
+    assert attention_kwargs["turboquant_past"].length == past  # the rest is read packed
+    keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # no kwargs: full dense states
+    assert keys.shape[2] == layer.get_seq_length()
+
+
+def decode_logits(model, cache, ids, implementations):
+    """Prefill ids[:, :-n] then feed the last n tokens one by one (n = len(implementations) - 1), switching the
+    model's attention implementation before each call; the stacked logits of every call's last position."""
+    prompt, steps = ids[:, : ids.shape[1] - len(implementations) + 1], ids[:, ids.shape[1] - len(implementations) + 1:]
+    logits = []
+    for index, implementation in enumerate(implementations):
+        model.set_attn_implementation(implementation)
+        chunk = prompt if index == 0 else steps[:, index - 1:index]
+        with torch.no_grad():
+            logits.append(forward(model, chunk, cache).logits[:, -1])
+    return torch.stack(logits)
+
+
+SWITCHES = ["turboquant", "turboquant", "turboquant", "sdpa", "sdpa", "turboquant", "sdpa", "turboquant"]
+
+
+@pytest.mark.parametrize("residual_length", [0, 4])
+def test_switching_implementations_mid_generation_gives_clean_logits(residual_length):
+    """The same live cache read by "turboquant", then "sdpa", then back: every step's logits are those of a clean
+    run with one implementation throughout (the old hand-off gave sdpa one token of 33 after a fused step)."""
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    clean = decode_logits(model, TurboQuantCache(bits=4, residual_length=residual_length), ids, ["sdpa"] * 8)
+    switched_cache = TurboQuantCache(bits=4, residual_length=residual_length)
+    switched = decode_logits(model, switched_cache, ids, SWITCHES)
+    torch.testing.assert_close(switched, clean, rtol=1e-4, atol=1e-4)
+    assert switched_cache.layers[0].serves_packed  # the last step read the past packed
+
+
+def test_reset_after_a_fused_run_answers_like_a_new_cache():
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(6))
+    cache = TurboQuantCache(bits=4, residual_length=0)
+    decode_logits(model, cache, ids, ["turboquant"] * 6)
+    cache.reset()
+    assert not cache.layers[0].serves_packed
+    again = decode_logits(model, cache, ids, ["sdpa"] * 6)
+    clean = decode_logits(model, TurboQuantCache(bits=4, residual_length=0), ids, ["sdpa"] * 6)
+    torch.testing.assert_close(again, clean, rtol=1e-4, atol=1e-4)
+
+
+def test_two_caches_driven_from_two_threads_give_clean_logits():
+    """Two generations served concurrently, their steps interleaved by a barrier, one reading packed and one dense:
+    each gets the logits it gets alone."""
+    model = tiny_llama()
+    model.set_attn_implementation("turboquant")
+    inputs = [torch.randint(1, 128, (1, 36), generator=torch.Generator().manual_seed(seed)) for seed in (7, 8)]
+
+    def steps(ids, cache, barrier=None):
+        logits = []
+        for index in range(6):
+            chunk = ids[:, :31] if index == 0 else ids[:, 30 + index:31 + index]
+            if barrier is not None:
+                barrier.wait()
+            with torch.no_grad():
+                logits.append(forward(model, chunk, cache).logits[:, -1])
+        return torch.stack(logits)
+
+    alone = [steps(ids, TurboQuantCache(bits=3, residual_length=2)) for ids in inputs]
+    barrier, results = threading.Barrier(2), [None, None]
+
+    def worker(index):
+        results[index] = steps(inputs[index], TurboQuantCache(bits=3, residual_length=2), barrier)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, expected in zip(results, alone):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_and_chunked_prefill_over_compressed_past():

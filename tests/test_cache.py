@@ -2,14 +2,15 @@
 
 import copy
 import gc
-import threading
+import types
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from turboquant_hf import TurboQuantCache, TurboQuantizer
-from turboquant_hf.cache import TurboQuantLayer, last_update
+from turboquant_hf import TurboQuantCache, TurboQuantConfig, TurboQuantizer
+from turboquant_hf.cache import TurboQuantLayer
 
 
 def tiny_llama(head_dim: int = 64, layers: int = 2, kv_heads: int = 2, heads: int = 4, dtype=torch.float32):
@@ -42,21 +43,6 @@ def random_states(batch=2, heads=2, tokens=10, dim=64, dtype=torch.float32, seed
 
 
 # ------------------------------------------------------------------------------------------ layer
-def test_last_update_is_per_thread():
-    """The fused attention finds its layer through the latest update of *its own* thread: another thread's update
-    in between (two generations served concurrently) must not replace it."""
-    layer, other = TurboQuantLayer(4, 4), TurboQuantLayer(4, 4)
-    returned_keys, _ = layer.update(*random_states(tokens=3, seed=1))
-    thread = threading.Thread(target=lambda: other.update(*random_states(tokens=2, seed=2)))
-    thread.start()
-    thread.join()
-    found_layer, found_keys = last_update()
-    assert found_layer is layer and found_keys is returned_keys
-    del returned_keys, found_keys
-    gc.collect()
-    assert last_update() == (layer, None)  # weak references: no dense tensor kept alive
-
-
 @pytest.mark.parametrize("residual_length", [0, 3, 100])
 def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_length):
     """update() = dequant(compressed) ++ window ++ new (exact), and storage matches the quantizer."""
@@ -82,12 +68,12 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     torch.testing.assert_close(out_values, expected_values, rtol=0, atol=1e-6)
     # After the update: all but the newest residual_length tokens are compressed once the window overflows.
     in_window = 12 - compressed_after(12)
-    assert layer.keys.shape[-2] == in_window and layer.compressed_length == 12 - in_window
+    assert layer.storage.window_length == in_window and layer.storage.length == 12 - in_window
     assert layer.get_seq_length() == 12
-    torch.testing.assert_close(layer.keys, all_keys[:, :, 12 - in_window:])
+    torch.testing.assert_close(layer.storage.window_keys, all_keys[:, :, 12 - in_window:])
     stored = key_quantizer.quantize(all_keys[:, :, : 12 - in_window])
-    assert torch.equal(layer.compressed_keys.packed_indices, stored.packed_indices)
-    assert torch.equal(layer.compressed_keys.norms, stored.norms)
+    assert torch.equal(layer.storage.past()[0].packed_indices, stored.packed_indices)
+    assert torch.equal(layer.storage.past()[0].norms, stored.norms)
 
 
 def test_storage_grows_in_blocks_and_keeps_old_tokens():
@@ -95,11 +81,11 @@ def test_storage_grows_in_blocks_and_keeps_old_tokens():
     keys, values = random_states(batch=1, heads=1, tokens=300, seed=3)
     for start in range(0, 300, 50):
         layer.update(keys[:, :, start:start + 50], values[:, :, start:start + 50])
-    assert layer.compressed_length == 300
-    capacity = layer.key_storage.norms.shape[-1]
+    assert layer.storage.length == 300
+    capacity = layer.storage.keys.norms.shape[-1]
     assert capacity % 64 == 0 and 300 <= capacity <= 300 + 2 * 64
     expected = TurboQuantizer(64, 2).quantize(keys)
-    assert torch.equal(layer.compressed_keys.packed_indices, expected.packed_indices)
+    assert torch.equal(layer.storage.past()[0].packed_indices, expected.packed_indices)
 
 
 def test_storage_spare_capacity_stays_small_at_long_lengths():
@@ -110,10 +96,10 @@ def test_storage_spare_capacity_stays_small_at_long_lengths():
     capacities = set()
     for _ in range(256):
         layer.update(keys, values)
-        capacities.add(layer.key_storage.norms.shape[-1])
-        spare = layer.key_storage.norms.shape[-1] - layer.compressed_length
-        assert 0 <= spare <= max(layer.compressed_length // 512, 2 * 64) + 64
-    assert layer.compressed_length == 16384 and len(capacities) <= 128  # one reallocation per >= 2 updates
+        capacities.add(layer.storage.keys.norms.shape[-1])
+        spare = layer.storage.keys.norms.shape[-1] - layer.storage.length
+        assert 0 <= spare <= max(layer.storage.length // 512, 2 * 64) + 64
+    assert layer.storage.length == 16384 and len(capacities) <= 128  # one reallocation per >= 2 updates
 
 
 def test_zero_and_empty_updates():
@@ -181,12 +167,12 @@ def test_reorder_select_repeat_act_on_compressed_storage():
     layer = cache.layers[0]
     before = copy.deepcopy(layer)
     cache.reorder_cache(torch.tensor([2, 0, 0]))
-    assert torch.equal(layer.compressed_keys.packed_indices, before.compressed_keys.packed_indices[[2, 0, 0]])
-    assert torch.equal(layer.keys, before.keys[[2, 0, 0]])
+    assert torch.equal(layer.storage.past()[0].packed_indices, before.storage.past()[0].packed_indices[[2, 0, 0]])
+    assert torch.equal(layer.storage.window_keys, before.storage.window_keys[[2, 0, 0]])
     cache.batch_select_indices(torch.tensor([0]))
-    assert layer.keys.shape[0] == 1 and layer.compressed_keys.norms.shape[0] == 1
+    assert layer.storage.window_keys.shape[0] == 1 and layer.storage.past()[0].norms.shape[0] == 1
     cache.batch_repeat_interleave(2)
-    assert torch.equal(layer.compressed_keys.norms, before.compressed_keys.norms[[2, 2]])
+    assert torch.equal(layer.storage.past()[0].norms, before.storage.past()[0].norms[[2, 2]])
 
 
 def test_crop_is_exact(llama, prompt):
@@ -209,10 +195,10 @@ def test_crop_across_window_and_storage():
     cache.update(keys, values, 0)
     layer = copy.deepcopy(cache.layers[0])
     cache.crop(-2)  # from the window only
-    assert cache.get_seq_length() == 8 and torch.equal(cache.layers[0].keys, layer.keys[:, :, :2])
+    assert cache.get_seq_length() == 8 and torch.equal(cache.layers[0].storage.window_keys, layer.storage.window_keys[:, :, :2])
     cache.crop(-5)  # the rest of the window and 3 compressed tokens
-    assert cache.get_seq_length() == 3 and cache.layers[0].keys.shape[-2] == 0
-    assert torch.equal(cache.layers[0].compressed_keys.norms, layer.compressed_keys.norms[:, :, :3])
+    assert cache.get_seq_length() == 3 and cache.layers[0].storage.window_length == 0
+    assert torch.equal(cache.layers[0].storage.past()[0].norms, layer.storage.past()[0].norms[:, :, :3])
     cache.crop(2)  # legacy positive value: the length to keep
     assert cache.get_seq_length() == 2
     cache.crop(-100)
@@ -231,7 +217,7 @@ def test_reset_and_deepcopy(llama, prompt):
     first = greedy(llama, prompt, cache)
     clone = copy.deepcopy(cache)
     assert clone.get_seq_length() == cache.get_seq_length()
-    assert torch.equal(clone.layers[0].compressed_keys.packed_indices, cache.layers[0].compressed_keys.packed_indices)
+    assert torch.equal(clone.layers[0].storage.past()[0].packed_indices, cache.layers[0].storage.past()[0].packed_indices)
     cache.reset()
     assert cache.get_seq_length() == 0
     assert torch.equal(greedy(llama, prompt, cache), first)
@@ -284,7 +270,7 @@ def test_device_map_split_across_cuda_and_cpu(prompt, main_device, expected_devi
     cache = TurboQuantCache(bits=4, residual_length=0)
     got = logits(split, cache)
     for layer, device in zip(cache.layers, expected_devices, strict=True):
-        assert layer.key_storage.norms.device.type == layer.value_storage.packed_indices.device.type == device
+        assert layer.storage.keys.norms.device.type == layer.storage.values.packed_indices.device.type == device
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     # And generation runs across the split, equal to DynamicCache when the window covers every token.
     ids = prompt.cuda()
@@ -297,7 +283,8 @@ def reachable_tensor_bytes(root) -> int:
     seen, storages, stack = set(), {}, [root]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (type, torch.nn.Module)):
+        # Functions and modules lead to globals (other caches, lru caches), not to what this object holds.
+        if id(obj) in seen or isinstance(obj, (type, torch.nn.Module, types.FunctionType, types.ModuleType)):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
@@ -334,16 +321,17 @@ def test_default_layer_is_3_7x_smaller_than_dense_after_32k_tokens_and_decoding(
     prefill in 8K chunks then 130 decode steps (window flushes and storage growth included): the layer holds
     <= 1/3.7 of the dense bytes (68 B per vector is 3.76x; window and spare capacity may cost 1.5 %)."""
     layer = TurboQuantLayer(4, 4)  # residual_length=128, as TurboQuantCache's default
-    layer.fused = True  # as under attn_implementation="turboquant": update() returns no dequantized past
+    attention_kwargs = {}  # as under attn_implementation="turboquant": update() returns no dequantized past
+    layer.serve_packed(SimpleNamespace(_attn_implementation="turboquant"))
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, 1, 8192, 128, generator=generator).to(torch.bfloat16)
     for _ in range(4):
-        layer.update(states, states)
+        layer.update(states, states, kwargs=attention_kwargs)
     token = states[:, :, :1]
     for _ in range(130):
-        layer.update(token, token)
+        layer.update(token, token, kwargs=attention_kwargs)
     tokens = 32768 + 130
-    assert layer.get_seq_length() == tokens and 128 <= layer.keys.shape[-2] <= 128 + 32
+    assert layer.get_seq_length() == tokens and 128 <= layer.storage.window_length <= 128 + 32
     dense = 2 * tokens * 128 * 2  # K and V, bf16
     assert dense / layer.nbytes() >= 3.7
 
@@ -355,7 +343,7 @@ def test_no_dense_copy_of_old_tokens_survives():
     greedy(model, torch.randint(1, 128, (1, 200)), cache, steps=4)
     layer = cache.layers[0]
     # 203 tokens: the window flushed down to 8 after 200 + 8 > 8 + 8 at prefill, then grew by 3.
-    assert layer.keys.shape[-2] == 11 and layer.compressed_length == 203 - 11
+    assert layer.storage.window_length == 11 and layer.storage.length == 203 - 11
     held = reachable_tensor_bytes(cache)
     dense_past = 2 * 2 * 203 * 64 * 4 * len(cache.layers)  # K+V, fp32
     assert held < dense_past / 3
@@ -374,13 +362,13 @@ def test_long_context_fp16_large_norms_stay_finite():
     query = torch.randn(1, 1, 1, dim, generator=generator).half()
     dense_keys, dense_values = layer.update(query, query)  # one decode step
     assert torch.isfinite(dense_keys).all() and torch.isfinite(dense_values).all()
-    assert torch.isfinite(layer.compressed_keys.norms).all()
+    assert torch.isfinite(layer.storage.past()[0].norms).all()
     scale = dim ** -0.5
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), dense_keys.float(), dense_values.float(), scale=scale)
     quantizer = TurboQuantizer(dim, 4)
-    past_keys = quantizer.dequantize(layer.compressed_keys[:, :, :tokens], torch.float64)
-    past_values = quantizer.dequantize(layer.compressed_values[:, :, :tokens], torch.float64)
+    past_keys = quantizer.dequantize(layer.storage.past()[0][:, :, :tokens], torch.float64)
+    past_values = quantizer.dequantize(layer.storage.past()[1][:, :, :tokens], torch.float64)
     keys64 = torch.cat([past_keys, query.double()], -2)
     values64 = torch.cat([past_values, query.double()], -2)
     reference = torch.softmax(query.double() @ keys64.transpose(-1, -2) * scale, -1) @ values64
@@ -393,15 +381,39 @@ def test_long_context_fp16_large_norms_stay_finite():
     ({"bits": 5}, "bits must be one of"),
     ({"bits": 0}, "bits must be one of"),
     ({"key_bits": 7}, "key_bits must be one of"),
-    ({"value_bits": 3.5}, "value_bits must be one of"),
     ({"residual_length": -1}, "residual_length must be an int >= 0"),
     ({"bits": 1, "qjl": True}, "qjl=True needs key_bits"),
     ({"rotation": "fourier"}, "rotation must be one of"),
-    ({"seed": -3}, "seed must be a non-negative int"),
+    ({"seed": -3}, r"seed must be an int in \[0, 2\*\*63\)"),
+    ({"seed": 2**64}, r"seed must be an int in \[0, 2\*\*63\)"),
+    ({"config": TurboQuantConfig(bits=3), "bits": 2}, r"set \['bits'\] in the config"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TurboQuantCache(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": 4.0}, "bits must be an int, got 4.0"),
+    ({"value_bits": 3.5}, "value_bits must be an int"),
+    ({"bits": True}, "bits must be an int"),
+    ({"residual_length": 1.5}, "residual_length must be an int"),
+    ({"seed": "0"}, "seed must be an int"),
+    ({"config": "str"}, "config must be a TurboQuantConfig or the model's PretrainedConfig"),
+    ({"model_config": {"a": 1}}, "model_config must be a transformers PretrainedConfig"),
+    ({"offloading": "yes"}, "offloading must be a bool"),
+])
+def test_bad_argument_types_raise_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        TurboQuantCache(**kwargs)
+
+
+def test_integer_scalars_are_accepted_as_ints():
+    import numpy as np
+
+    cache = TurboQuantCache(bits=np.int64(3), seed=torch.tensor(5), residual_length=np.int32(2))
+    assert (cache.config.bits, cache.config.seed, cache.config.residual_length) == (3, 5, 2)
+    assert all(type(value) is int for value in (cache.config.bits, cache.config.seed, cache.config.residual_length))
 
 
 def test_qjl_and_norm_correction_must_be_bool():
@@ -421,7 +433,7 @@ def test_norm_correction_reaches_the_quantizers(norm_correction, qjl):
     assert layer.key_quantizer.norm_correction is (norm_correction and not qjl)
     assert layer.value_quantizer.norm_correction is norm_correction
     # The stored scales are ||x|| / ||c[i]|| (or ||x||): dequantized values keep their inputs' length exactly.
-    restored = layer.value_quantizer.dequantize(layer.compressed_values, torch.float64)
+    restored = layer.value_quantizer.dequantize(layer.storage.past()[1], torch.float64)
     ratio = restored.norm(dim=-1) / values.double().norm(dim=-1)
     assert torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-5) is norm_correction
 
@@ -437,3 +449,44 @@ def test_head_dim_not_multiple_of_8_is_refused():
     layer = TurboQuantLayer(4, 4)
     with pytest.raises(ValueError, match="multiple of 8"):
         layer.update(torch.randn(1, 1, 3, 20), torch.randn(1, 1, 3, 20))
+
+
+def test_keys_and_values_must_agree_in_tokens_and_head_dim():
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    keys, values = random_states(tokens=40, seed=8)
+    with pytest.raises(ValueError, match="as many tokens, got 40 and 39"):
+        layer.update(keys, values[:, :, :39])
+    layer.update(keys, values)
+    with pytest.raises(ValueError, match=r"value_states \(batch, kv_heads, head_dim\) = \(2, 2, 32\)"):
+        layer.update(keys[:, :, :1], values[:, :, :1, :32])
+    assert layer.get_seq_length() == 40  # nothing half-written
+
+
+def test_crop_takes_ints_only_and_keeps_the_cache_usable():
+    layer = TurboQuantLayer(4, 4, residual_length=0)
+    layer.update(*random_states(tokens=10, seed=9))
+    with pytest.raises(TypeError, match="tokens_to_remove must be an int, got 5.5"):
+        layer.crop(5.5)
+    assert layer.get_seq_length() == 10
+    layer.crop(-3)
+    assert layer.get_seq_length() == 7
+
+
+def test_cache_filled_under_autograd_pickles_and_continues():
+    import pickle
+
+    cache = TurboQuantCache(bits=4, residual_length=4)
+    keys, values = random_states(tokens=12, seed=10)
+    cache.update(keys.requires_grad_(), values.requires_grad_(), 0)
+    restored = pickle.loads(pickle.dumps(cache))
+    out_keys, _ = restored.update(*random_states(tokens=1, seed=11), 0)
+    assert restored.get_seq_length() == 13 and out_keys.shape[2] == 13
+    torch.testing.assert_close(out_keys[:, :, :12], cache.update(*random_states(tokens=1, seed=11), 0)[0][:, :, :12])
+
+
+def test_quantizer_cache_stays_bounded_with_a_seed_per_request():
+    from turboquant_hf.cache import _quantizer
+
+    for seed in range(100):
+        TurboQuantCache(bits=4, seed=seed).update(*random_states(batch=1, heads=1, tokens=1, dim=16, seed=seed), 0)
+    assert _quantizer.cache_info().currsize <= _quantizer.cache_info().maxsize == 32

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -37,6 +38,9 @@ from turboquant_hf import TurboQuantCache, TurboQuantLayer, codebook_distortion
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
 VOCAB = 256
+# transformers >= 5.23 hands each attention call's kwargs to Cache.update, which is how the packed past reaches the
+# "turboquant" attention; older versions give it dense states (same answers, no packed reads).
+PACKED_ATTENTION = Version(transformers.__version__) >= Version("5.23")
 PROMPT_LENGTH = 20
 NEW_TOKENS = 8
 # Smaller than the prompt, so sliding layers run past their window during prefill and decoding.
@@ -268,10 +272,10 @@ def test_generate_shapes_and_cached_length_match_dynamic_cache(case):
     layers = turboquant_layers(cache)
     assert len(layers) == len(cache.layers) == model.config.get_text_config(decoder=True).num_hidden_layers
     for layer in layers:
-        assert layer.keys.shape[-1] == case.head_dim
+        assert layer.storage.window_keys.shape[-1] == case.head_dim
         # How far the window may grow before a flush is the layer's business; these hold for any policy.
-        assert layer.compressed_length > 0 and layer.keys.shape[-2] >= residual_length
-        assert layer.compressed_length + layer.keys.shape[-2] == PROMPT_LENGTH + NEW_TOKENS - 1
+        assert layer.storage.length > 0 and layer.storage.window_length >= residual_length
+        assert layer.storage.length + layer.storage.window_length == PROMPT_LENGTH + NEW_TOKENS - 1
     assert torch.isfinite(logits).all()
 
 
@@ -285,7 +289,7 @@ def test_residual_window_covering_everything_equals_dynamic_cache(case):
     assert torch.equal(sequences, reference_sequences)
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == reference_length
-    assert all(layer.compressed_length == 0 for layer in turboquant_layers(cache))
+    assert all(layer.storage.length == 0 for layer in turboquant_layers(cache))
 
     forward_cache = TurboQuantCache(residual_length=COVERS_EVERYTHING)
     torch.testing.assert_close(forward_logits(model, inputs, forward_cache), reference_forward, rtol=1e-5, atol=1e-5)
@@ -302,7 +306,7 @@ def test_8bit_everything_compressed_keeps_greedy_tokens(case):
     assert torch.equal(sequences, reference_sequences)
     assert cache.get_seq_length() == reference_length
     # residual_length=0: nothing stays in the window, every cached token went through the quantizer.
-    assert all(layer.compressed_length == reference_length for layer in turboquant_layers(cache))
+    assert all(layer.storage.length == reference_length for layer in turboquant_layers(cache))
 
 
 @ALL
@@ -323,7 +327,7 @@ def test_4bit_logit_error_follows_codebook_distortion(case):
     sequences, logits = generate(model, inputs, cache)
     assert sequences.shape == (1, PROMPT_LENGTH + NEW_TOKENS)
     assert torch.isfinite(logits).all()
-    assert all(layer.compressed_length == PROMPT_LENGTH + NEW_TOKENS - 1 for layer in turboquant_layers(cache))
+    assert all(layer.storage.length == PROMPT_LENGTH + NEW_TOKENS - 1 for layer in turboquant_layers(cache))
 
     reference = dynamic_reference(case.name)[3]
     compressed_logits = {bits: forward_logits(model, inputs, TurboQuantCache(bits=bits, residual_length=0))
@@ -349,7 +353,7 @@ def test_cache_keyword_reaches_the_cache(case):
     old_sequences, old_logits = generate(model, inputs, by_old_name, keyword="past_key_values")
 
     assert by_new_name.get_seq_length() == by_old_name.get_seq_length() == PROMPT_LENGTH + NEW_TOKENS - 1
-    assert all(layer.compressed_length > 0 for layer in turboquant_layers(by_new_name))
+    assert all(layer.storage.length > 0 for layer in turboquant_layers(by_new_name))
     assert torch.equal(sequences, old_sequences)
     torch.testing.assert_close(logits, old_logits, rtol=0, atol=0)
 
@@ -395,7 +399,7 @@ def test_config_compressed_full_layers_with_sliding_layers_run(case):
             assert layer.keys.shape[-2] <= SLIDING_WINDOW
         else:
             assert isinstance(layer, TurboQuantLayer)
-            assert layer.compressed_length == PROMPT_LENGTH + NEW_TOKENS - 1
+            assert layer.storage.length == PROMPT_LENGTH + NEW_TOKENS - 1
 
 
 # ------------------------------------------------------------------------------------ padded batch
@@ -413,7 +417,7 @@ def test_left_padded_batch(case):
     sequences, logits = generate(model, inputs, compressed)
     assert sequences.shape == (2, PROMPT_LENGTH + NEW_TOKENS)
     assert torch.isfinite(logits).all()
-    assert all(layer.compressed_length == PROMPT_LENGTH + NEW_TOKENS - 1 for layer in turboquant_layers(compressed))
+    assert all(layer.storage.length == PROMPT_LENGTH + NEW_TOKENS - 1 for layer in turboquant_layers(compressed))
 
 
 # ------------------------------------------------------------------------------------ half precision
@@ -433,8 +437,8 @@ def test_llama_half_precision_generate(dtype):
     assert torch.isfinite(logits).all()
     assert compressed.get_seq_length() == PROMPT_LENGTH + NEW_TOKENS - 1
     for layer in turboquant_layers(compressed):
-        assert layer.dtype == dtype and layer.keys.dtype == dtype
-        assert layer.compressed_length == PROMPT_LENGTH + NEW_TOKENS - 1
+        assert layer.dtype == dtype and layer.storage.window_keys.dtype == dtype
+        assert layer.storage.length == PROMPT_LENGTH + NEW_TOKENS - 1
 
 
 # --------------------------------------------------------------------------- attn_implementation="turboquant"
@@ -444,7 +448,9 @@ def _assert_fused_equals_dense_path(case: ModelCase, inputs: dict) -> None:
     reference_sequences, reference_logits = generate(model_for(case.name), inputs, dense_cache)
     sequences, logits = generate(fused_model_for(case.name), inputs, fused_cache)
 
-    assert all(layer.fused and layer.compressed_length > 0 for layer in turboquant_layers(fused_cache))
+    assert all(layer.storage.length > 0 for layer in turboquant_layers(fused_cache))
+    if PACKED_ATTENTION:  # the model hands its attention kwargs to the cache: the past is read packed
+        assert all(layer.serves_packed for layer in turboquant_layers(fused_cache))
     assert torch.equal(sequences, reference_sequences)
     # Same math in another order (fp32): measured max |diff| <= 2.4e-7 on every model that passes.
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 from . import attention  # noqa: F401  (registers attn_implementation="turboquant")
 from .cache import TurboQuantCache, TurboQuantLayer
 from .codebook import codebook, codebook_distortion
+from .config import TurboQuantConfig
 from .packing import pack, packed_size, unpack
 from .quantizer import QuantizedTensor, TurboQuantizer
 from .rotation import Rotation
@@ -11,6 +12,7 @@ __all__ = [
     "QuantizedTensor",
     "Rotation",
     "TurboQuantCache",
+    "TurboQuantConfig",
     "TurboQuantLayer",
     "TurboQuantizer",
     "codebook",

@@ -8,6 +8,10 @@ Calls that have no compressed past to read (prefill of an empty cache, a layer k
 dense, such as a sliding-window layer, or a model run without a TurboQuantCache) and calls with many
 query tokens (chunked prefill, over ``MAX_FUSED_QUERIES``) use dense attention on the states given,
 after dequantizing the past into a transient tensor where there is one.
+
+The packed past reaches this function through the attention kwargs that the model hands to ``Cache.update``
+(cache.py describes the contract). transformers >= 5.23 does that for almost every model; with older versions or
+models that do not, every call receives the full dense states and runs SDPA on them: right answers, no speed-up.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import TurboQuantLayer, dense_states, last_update
+from .cache import ATTENTION_NAME, CompressedPast, TurboQuantLayer
 from .kernels import decode_attention
 from .kernels.decode_attention import attention_fp32
+from .storage import dense_states
 
-NAME = "turboquant"
+NAME = ATTENTION_NAME
 # Above this many query tokens a dense matmul over the dequantized past beats the decode kernel.
 MAX_FUSED_QUERIES = 64
 
@@ -51,34 +56,37 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None)."""
+                         softcap: float | None = None, turboquant_layer: TurboQuantLayer | None = None,
+                         turboquant_past: CompressedPast | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None).
+
+    turboquant_layer, turboquant_past: put into the attention kwargs by ``TurboQuantLayer.update`` (cache.py's
+    contract). With ``turboquant_past``, key/value hold only the window and the new tokens and the past is read
+    packed; without it they are the full dense states, and the layer is asked to serve its past packed from the
+    next update on.
+    """
     if dropout and module.training:
         raise ValueError("attn_implementation='turboquant' is for inference: dropout must be 0 in training mode")
-    layer, keys = last_update()
-    ours = isinstance(layer, TurboQuantLayer) and keys is key
-    if not ours and softcap is None:  # not a compressed layer (vision tower, sliding layer, no cache): plain SDPA
+    if turboquant_layer is not None and turboquant_past is None:
+        turboquant_layer.serve_packed(module.config)
+    if turboquant_past is None and softcap is None:  # all states are dense here: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
-    past = layer.attention_compressed_length if ours else 0
     n_queries = query.shape[2]
     # The kernel applies the decoder's causal pattern itself, which a given mask may relax (e.g. image
     # tokens attending each other): with a mask, only single-token steps take the kernel.
     fusable = causal and n_queries <= MAX_FUSED_QUERIES and (attention_mask is None or n_queries == 1)
-    if ours and past and layer.fused and fusable:
-        out = decode_attention(
-            query, layer.key_storage[:, :, :past], layer.value_storage[:, :, :past], layer.key_quantizer,
-            layer.value_quantizer, key, value, scale=scale, softcap=softcap, attention_mask=attention_mask,
-        )
+    past = turboquant_past
+    if past is not None and past.length and fusable:
+        out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
+                               scale=scale, softcap=softcap, attention_mask=attention_mask)
     else:
-        if ours and past and layer.fused:  # the past is needed dense: dequantize it into a transient tensor
-            key = dense_states(layer.key_storage, layer.key_quantizer, past, key)
-            value = dense_states(layer.value_storage, layer.value_quantizer, past, value)
+        if past is not None and past.length:  # the past is needed dense: dequantize it into a transient tensor
+            key = dense_states(past.keys, past.key_quantizer, key)
+            value = dense_states(past.values, past.value_quantizer, value)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
-        if ours:
-            layer.fused = True  # from the next update on, the layer returns only window + new tokens
     return out.transpose(1, 2).contiguous(), None
 
 

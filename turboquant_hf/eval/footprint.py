@@ -59,15 +59,18 @@ def held_bytes(cache) -> int:
 
 
 def used_bytes(cache) -> int:
-    """``held_bytes`` less spare capacity: a layer exposing ``compressed_keys``/``compressed_values``
-    (TurboQuantLayer's valid tokens, views into larger buffers) counts those views instead of its buffers."""
+    """``held_bytes`` less spare capacity: a TurboQuantLayer counts its valid packed tokens (views into larger
+    slots) and its window instead of its buffers."""
+    from ..cache import TurboQuantLayer
+
     total = 0
     shared: dict[int, int] = {}
     seen: set[int] = set()
     for layer in cache.layers:
-        if hasattr(layer, "compressed_keys") and getattr(layer, "is_initialized", False):
-            parts = [layer.compressed_keys, layer.compressed_values]
-            total += sum(part.nbytes for part in parts) + layer.keys.nbytes + layer.values.nbytes
+        if isinstance(layer, TurboQuantLayer) and layer.is_initialized:
+            storage = layer.storage
+            total += sum(part.nbytes for part in storage.past())
+            total += storage.window_keys.nbytes + storage.window_values.nbytes
             for quantizer in (layer.key_quantizer, layer.value_quantizer):
                 _walk(quantizer, shared, seen)
         else:

@@ -1,0 +1,159 @@
+"""TurboQuantConfig: every setting of a TurboQuantCache in one frozen, validated, serializable object."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+from .codebook import SUPPORTED_BITS
+from .rotation import ROTATIONS
+
+# Settings a per-layer override may change (the rotation and seed are shared by every layer).
+LAYER_SETTINGS = ("key_bits", "value_bits", "qjl", "residual_length", "norm_correction")
+_MAX_SEED = 2**63  # torch.Generator.manual_seed takes seeds below 2**64; keep them in int64 range
+
+
+def integer(name: str, value: Any) -> int:
+    """``value`` as a Python int: ints and integer scalars (numpy, 0-d tensors) pass, bool and float raise."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
+def _bits(name: str, value: Any) -> int:
+    bits = integer(name, value)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return bits
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """The resolved settings of one compressed layer (``TurboQuantConfig.for_layer``)."""
+
+    key_bits: int
+    value_bits: int
+    qjl: bool
+    residual_length: int
+    norm_correction: bool
+    rotation: str
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboQuantConfig:
+    """Settings of a ``TurboQuantCache``, validated once at construction.
+
+    Args:
+        bits: bits per coordinate of keys and values (1, 2, 3, 4 or 8).
+        key_bits, value_bits: override ``bits`` for keys / values (None: ``bits``).
+        qjl: spend one key bit on the QJL residual stage (unbiased scores; needs key bits 2-4). Values stay MSE.
+        residual_length: newest tokens per layer kept in full precision (0: compress every token).
+        rotation: "hadamard" (randomized Hadamard; dense Haar for head dims that are not powers of two) or "dense".
+        seed: seeds the rotation and the QJL projection, an int in [0, 2**63).
+        norm_correction: store ||x|| / ||c[i]|| so reconstructions keep their length (not applied to QJL keys).
+        layer_overrides: {layer index: {setting: value}} for any of ``LAYER_SETTINGS``, e.g.
+            ``{0: {"key_bits": 8, "value_bits": 8}}`` keeps the first layer at 8 bits.
+
+    ``TurboQuantCache(bits=4, ...)`` builds one of these; ``TurboQuantCache(config=TurboQuantConfig(...))`` takes it
+    as is. ``to_dict`` / ``from_dict`` round-trip through JSON.
+    """
+
+    bits: int = 4
+    key_bits: int | None = None
+    value_bits: int | None = None
+    qjl: bool = False
+    residual_length: int = 128
+    rotation: str = "hadamard"
+    seed: int = 0
+    norm_correction: bool = True
+    layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = _setter(self)
+        bits = _bits("bits", self.bits)
+        set_("bits", bits)
+        set_("key_bits", bits if self.key_bits is None else _bits("key_bits", self.key_bits))
+        set_("value_bits", bits if self.value_bits is None else _bits("value_bits", self.value_bits))
+        set_("qjl", _flag("qjl", self.qjl))
+        set_("norm_correction", _flag("norm_correction", self.norm_correction))
+        set_("residual_length", _residual_length("residual_length", self.residual_length))
+        if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        seed = integer("seed", self.seed)
+        if not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
+        set_("seed", seed)
+        if not isinstance(self.layer_overrides, Mapping):
+            raise TypeError(f"layer_overrides must be a mapping {{layer index: {{setting: value}}}}, got "
+                            f"{type(self.layer_overrides).__name__}")
+        overrides = {}
+        for index, settings in self.layer_overrides.items():
+            layer = integer("layer_overrides key", int(index) if isinstance(index, str) and index.isdigit() else index)
+            if layer < 0:
+                raise ValueError(f"layer_overrides keys must be layer indices >= 0, got {layer}")
+            if not isinstance(settings, Mapping):
+                raise TypeError(f"layer_overrides[{layer}] must be a mapping of settings, got {type(settings).__name__}")
+            unknown = set(settings) - set(LAYER_SETTINGS)
+            if unknown:
+                raise ValueError(f"layer_overrides[{layer}] has unknown settings {sorted(unknown)}; allowed: "
+                                 f"{LAYER_SETTINGS}")
+            overrides[layer] = dict(settings)
+        set_("layer_overrides", overrides)
+        for layer in (None, *overrides):  # every layer's combination must be valid on its own
+            self.for_layer(layer)
+
+    def for_layer(self, index: int | None) -> LayerSettings:
+        """The settings of layer ``index`` (its overrides applied; None: the defaults), validated."""
+        values = {name: getattr(self, name) for name in LAYER_SETTINGS}
+        values.update(self.layer_overrides.get(index, {}) if index is not None else {})
+        where = "" if index is None or index not in self.layer_overrides else f" (layer_overrides[{index}])"
+        key_bits = _bits("key_bits" + where, values["key_bits"])
+        qjl = _flag("qjl" + where, values["qjl"])
+        if qjl and key_bits not in (2, 3, 4):
+            raise ValueError(f"qjl=True needs key_bits in (2, 3, 4) (one bit goes to QJL), got {key_bits}{where}")
+        return LayerSettings(
+            key_bits=key_bits, value_bits=_bits("value_bits" + where, values["value_bits"]), qjl=qjl,
+            residual_length=_residual_length("residual_length" + where, values["residual_length"]),
+            norm_correction=_flag("norm_correction" + where, values["norm_correction"]),
+            rotation=self.rotation, seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable dict (layer indices as strings, as JSON keys must be)."""
+        values = dataclasses.asdict(self)
+        values["layer_overrides"] = {str(layer): dict(settings) for layer, settings in self.layer_overrides.items()}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TurboQuantConfig:
+        """Inverse of ``to_dict``; unknown keys raise ValueError."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values must be a mapping, got {type(values).__name__}")
+        unknown = set(values) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TurboQuantConfig fields {sorted(unknown)}")
+        return cls(**values)
+
+
+def _residual_length(name: str, value: Any) -> int:
+    length = integer(name, value)
+    if length < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {length}")
+    return length
+
+
+def _setter(instance):
+    """Setter for fields of a frozen dataclass during its own __post_init__ (normalizing validated values)."""
+    return lambda name, value: object.__setattr__(instance, name, value)

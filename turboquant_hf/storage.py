@@ -1,0 +1,141 @@
+"""PackedKV: one layer's cached tokens, packed in preallocated slots plus a dense window of the newest ones.
+
+A key or value goes down once: ``write`` encodes it straight into its slot (``kernels.encode_into``), and
+``dense_states`` decodes slots straight into the tensor an attention call reads (``kernels.dequantize_into``).
+Both cache layouts use this type; they differ in policy only: the dynamic layer grows the slots as tokens come
+(``reserve``) and compresses its window in blocks, the static layer allocates every slot up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .quantizer import QuantizedTensor, TurboQuantizer
+
+
+def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int, dtype: torch.dtype,
+                device: torch.device) -> QuantizedTensor:
+    """Uninitialized storage for (batch, heads, capacity) vectors of ``quantizer`` (``dtype``: what they decode to)."""
+    lead = (batch, heads, capacity)
+    qjl = quantizer.qjl
+    return QuantizedTensor(
+        packed_indices=torch.empty(*lead, quantizer.dim * quantizer.mse_bits // 8, dtype=torch.uint8, device=device),
+        norms=torch.empty(lead, dtype=torch.float32, device=device),
+        qjl_signs=torch.empty(*lead, quantizer.dim // 8, dtype=torch.uint8, device=device) if qjl else None,
+        residual_norms=torch.empty(lead, dtype=torch.float32, device=device) if qjl else None,
+        dim=quantizer.dim, mse_bits=quantizer.mse_bits, dtype=dtype,
+    )
+
+
+def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch.Tensor) -> torch.Tensor:
+    """``past`` (leading shape (B, H, Np)) dequantized, then ``parts`` ((B, H, n_i, D) each) along the token axis: one
+    new (B, H, Np + sum n_i, D) tensor in ``parts[-1].dtype``, each piece written in place (no concatenation)."""
+    from .kernels import dequantize_into
+
+    batch, heads, _, dim = parts[-1].shape
+    past_length = past.norms.shape[-1]
+    dense = parts[-1].new_empty((batch, heads, past_length + sum(part.shape[-2] for part in parts), dim))
+    if past_length:
+        dequantize_into(past, quantizer, dense[:, :, :past_length])
+    start = past_length
+    for part in parts:
+        dense[:, :, start:start + part.shape[-2]] = part
+        start += part.shape[-2]
+    return dense
+
+
+class PackedKV:
+    """Packed keys/values of one layer and its dense window.
+
+    keys, values: QuantizedTensor storage with leading shape (B, H, capacity); slots [0, length) hold the oldest
+    ``length`` tokens. window_keys, window_values: (B, H, r, D) in the model dtype, the next r tokens in full
+    precision. Every tensor is detached (a cache built under autograd can still be pickled and continued).
+    """
+
+    def __init__(self, key_quantizer: TurboQuantizer, value_quantizer: TurboQuantizer, key_states: torch.Tensor,
+                 value_states: torch.Tensor, capacity: int = 0):
+        batch, heads = key_states.shape[:2]
+        self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = empty_slots(key_quantizer, batch, heads, capacity, self.dtype, self.device)
+        self.values = empty_slots(value_quantizer, batch, heads, capacity, self.dtype, self.device)
+        self.window_keys = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
+        self.window_values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
+        self.length = 0
+
+    # ------------------------------------------------------------------------------------------- sizes
+    @property
+    def capacity(self) -> int:
+        return self.keys.norms.shape[-1]
+
+    @property
+    def window_length(self) -> int:
+        return self.window_keys.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held: slots (spare capacity included) and the window."""
+        tensors = [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # ----------------------------------------------------------------------------------- read and write
+    def past(self, length: int | None = None) -> tuple[QuantizedTensor, QuantizedTensor]:
+        """Views of the first ``length`` (default: all valid) packed keys and values, leading shape (B, H, length)."""
+        length = self.length if length is None else length
+        return self.keys[:, :, :length], self.values[:, :, :length]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the slots to ``capacity`` (one copy of the valid tokens); no-op when they are already that large."""
+        if capacity <= self.capacity:
+            return
+        batch, heads = self.keys.norms.shape[:2]
+        for name, quantizer in (("keys", self.key_quantizer), ("values", self.value_quantizer)):
+            grown = empty_slots(quantizer, batch, heads, capacity, self.dtype, self.device)
+            for old, new in zip(getattr(self, name).tensors(), grown.tensors()):
+                new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, grown)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
+        """Encode (B, H, n, D) states into slots [start, start + n) (within the capacity)."""
+        from .kernels import encode_into
+
+        encode_into(key_states.detach(), self.key_quantizer, self.keys, start)
+        encode_into(value_states.detach(), self.value_quantizer, self.values, start)
+
+    def push_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append (B, H, n, D) states to the dense window."""
+        self.window_keys = torch.cat([self.window_keys, key_states.detach()], dim=-2)
+        self.window_values = torch.cat([self.window_values, value_states.detach()], dim=-2)
+
+    def flush(self, count: int) -> None:
+        """Compress the oldest ``count`` window tokens into slots [length, length + count) (reserve them first)."""
+        self.write(self.window_keys[:, :, :count], self.window_values[:, :, :count], self.length)
+        self.length += count
+        # Clone the kept part: a view would keep the flushed tokens' dense memory alive.
+        self.window_keys = self.window_keys[:, :, count:].clone()
+        self.window_values = self.window_values[:, :, count:].clone()
+
+    def dense(self, key_states: torch.Tensor, value_states: torch.Tensor, *, with_past: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Dequantized past ++, if ``with_past``) window ++ the given (B, H, n, D) states, in their dtype."""
+        keys, values = self.past(self.length if with_past else 0)
+        return (dense_states(keys, self.key_quantizer, self.window_keys, key_states),
+                dense_states(values, self.value_quantizer, self.window_values, value_states))
+
+    # ------------------------------------------------------------------------------------ cache operations
+    def crop(self, length: int) -> None:
+        """Keep the oldest ``length`` tokens (packed and window). Exact: each token is encoded on its own."""
+        if length <= self.length:
+            self.length = length
+            self.window_keys = self.window_keys[:, :, :0]
+            self.window_values = self.window_values[:, :, :0]
+        else:
+            keep = length - self.length
+            self.window_keys = self.window_keys[:, :, :keep]
+            self.window_values = self.window_values[:, :, :keep]
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` (an indexing or repeat along dim 0) to every tensor: beam reorder, batch select/repeat."""
+        self.keys, self.values = self.keys._map(fn), self.values._map(fn)
+        self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
