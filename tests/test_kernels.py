@@ -43,9 +43,9 @@ import triton.language as tl  # noqa: E402
 
 from turboquant_hf import QuantizedTensor, TurboQuantizer, backend, unpack  # noqa: E402
 
-encode_mod, dequant_mod, attention_mod, rotate_mod, kernels = (
+encode_mod, dequant_mod, attention_mod, rotate_mod, common_mod, kernels = (
     importlib.import_module(f"turboquant_hf.kernels{name}")
-    for name in (".encode", ".dequant", ".decode_attention", ".rotate", "")
+    for name in (".encode", ".dequant", ".decode_attention", ".rotate", "._common", "")
 )
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -93,7 +93,8 @@ def _clone(storage: QuantizedTensor) -> QuantizedTensor:
 
 def _boundary_distance(x: torch.Tensor, quantizer: TurboQuantizer) -> torch.Tensor:
     """Distance of each rotated unit coordinate (torch path, fp32) to its nearest codebook boundary."""
-    rotation, _, boundaries, _ = quantizer.state(x.device)
+    state = quantizer.state(x.device)
+    rotation, boundaries = state.rotation, state.boundaries
     x32 = x.float()
     norms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
     rotated = rotation.rotate(x32 / torch.where(norms > 0, norms, torch.ones_like(norms)))
@@ -165,8 +166,9 @@ def test_backend_for(monkeypatch):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_rotation_operands_sum_to_the_matrix(rotation, dim, transpose):
     quantizer = TurboQuantizer(dim, 4, rotation=rotation, seed=7)
-    pieces, scale = rotate_mod.rotation_operands(quantizer, DEVICE, transpose=transpose)
-    matrix = quantizer.state(DEVICE)[0].matrix().double()
+    operands = common_mod.kernel_state(quantizer, DEVICE)
+    pieces, scale = (operands.rotate, operands.rotate_scale) if transpose else (operands.unrotate, operands.unrotate_scale)
+    matrix = quantizer.state(DEVICE).rotation.matrix().double()
     matrix = matrix.T if transpose else matrix
     assert pieces.dtype == torch.float16 and pieces.is_contiguous()
     if rotation == "hadamard":  # sqrt(D) R = H diag(signs): one exact piece of +-1
@@ -199,11 +201,12 @@ def test_rotate_columns_matches_float64(rotation, dtype):
     """fp16 tiles are exact operands; fp32 tiles split into fp16 hi + lo: within 2^-20 of float64 either way."""
     dim = 64
     quantizer = TurboQuantizer(dim, 4, rotation=rotation, seed=2)
-    pieces, scale = rotate_mod.rotation_operands(quantizer, DEVICE, transpose=True)
+    operands = common_mod.kernel_state(quantizer, DEVICE)
+    pieces, scale = operands.rotate, operands.rotate_scale
     tile = _randn(1, 1, 16, dim, seed=4).reshape(16, dim).to(dtype)
     out = torch.empty(16, dim, device=DEVICE)
     _rotate_kernel[(1,)](tile, pieces, out, 16, dim, 32, rotate_mod.tile_pieces(dtype), pieces.shape[0])
-    expected = tile.double() @ quantizer.state(DEVICE)[0].matrix().double().T
+    expected = tile.double() @ quantizer.state(DEVICE).rotation.matrix().double().T
     assert ((out.double() * scale - expected).abs().max() <= 2.0**-20 * expected.abs().max()).item()
 
 
@@ -218,7 +221,7 @@ def _bucketize_kernel(y_ptr, boundaries_ptr, out_ptr, N: tl.constexpr, BITS: tl.
 def test_bucketize_matches_torch_on_ties_signs_and_nan(bits):
     """The kernel's index rule equals torch.bucketize (boundaries < y) exactly: every boundary, its neighbouring
     floats on both sides, +-0, the extremes, NaN (last index), and random values of both signs."""
-    boundaries = TurboQuantizer(64, bits).state(DEVICE)[2]
+    boundaries = TurboQuantizer(64, bits).state(DEVICE).boundaries
     neighbours = torch.cat([boundaries, torch.nextafter(boundaries, torch.tensor(2.0, device=DEVICE)),
                             torch.nextafter(boundaries, torch.tensor(-2.0, device=DEVICE))])
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, float("nan")], device=DEVICE)
@@ -248,7 +251,7 @@ def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: tor
     want = unpack(reference.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
     expected_norms = x.double().norm(dim=-1)
     if quantizer.norm_correction:
-        centroids = quantizer.state(got.device)[1].double()
+        centroids = quantizer.state(got.device).centroids.double()
         expected_norms = expected_norms / centroids[got.long()].norm(dim=-1)
     norms = storage.norms[:, :, window].double()
     assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms).all()
@@ -482,20 +485,27 @@ def test_dispatchers_follow_the_backend(monkeypatch):
 
 @small
 def test_qjl_uses_the_torch_twin_and_logs_once(monkeypatch, caplog):
+    """The dispatching functions send what the kernels cannot do to the torch twin (one warning); the kernels'
+    own entry points refuse it."""
     monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "triton")
     quantizer = TurboQuantizer(64, 3, qjl=True, seed=7)
     x = _randn(1, 2, 5, 64, seed=8)
     storage, reference = _sentinel_storage(quantizer, 1, 2, 9), _sentinel_storage(quantizer, 1, 2, 9)
     with caplog.at_level(logging.WARNING, logger="turboquant_hf"):
-        encode_mod.encode_into_triton(x, quantizer, storage, 2)
-        encode_mod.encode_into_triton(x, quantizer, storage, 2)
+        kernels.encode_into(x, quantizer, storage, 2)
+        kernels.encode_into(x, quantizer, storage, 2)
     encode_mod.encode_into_torch(x, quantizer, reference, 2)
     assert all(torch.equal(a, b) for a, b in zip(storage.tensors(), reference.tensors()))
     assert sum("QJL" in record.getMessage() for record in caplog.records) == 1
     out, expected = torch.empty(1, 2, 9, 64, device=DEVICE), torch.empty(1, 2, 9, 64, device=DEVICE)
-    dequant_mod.dequantize_into_triton(storage, quantizer, out)
+    kernels.dequantize_into(storage, quantizer, out)
     dequant_mod.dequantize_into_torch(storage, quantizer, expected)
     assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="Triton encode does not support QJL"):
+        encode_mod.encode_into_triton(x, quantizer, storage, 2)
+    with pytest.raises(ValueError, match="Triton dequantize does not support QJL"):
+        dequant_mod.dequantize_into_triton(storage, quantizer, out)
 
 
 # ----------------------------------------------------------------------------------------------- GPU scale

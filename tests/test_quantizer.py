@@ -79,7 +79,7 @@ def test_reconstruction_reads_the_packed_indices(bits, generator):
     """The per-byte lookup of rotated_reconstruction gives centroids[unpack(...)], also for a strided view."""
     quantizer = TurboQuantizer(64, bits, seed=4)
     q = quantizer.quantize(torch.randn(2, 3, 9, 64, generator=generator))[:, 1:, 2:7]
-    centroids = quantizer.state(torch.device("cpu"))[1]
+    centroids = quantizer.state(torch.device("cpu")).centroids
     expected = centroids[unpack(q.packed_indices, bits, 64)]
     assert torch.equal(quantizer.rotated_reconstruction(q), expected)
 
@@ -92,7 +92,7 @@ def test_indices_are_nearest_centroids(dim, bits, generator):
     x = torch.randn(300, dim, generator=generator) * 7
     rotated = quantizer.rotation.rotate(x / x.norm(dim=-1, keepdim=True))
     chosen = quantizer.rotated_reconstruction(quantizer.quantize(x))
-    centroids = quantizer.state(torch.device("cpu"))[1]
+    centroids = quantizer.state(torch.device("cpu")).centroids
     nearest = (rotated.unsqueeze(-1) - centroids).abs().min(dim=-1).values
     assert torch.all((rotated - chosen).abs() <= nearest + 1e-6)
 
@@ -100,7 +100,8 @@ def test_indices_are_nearest_centroids(dim, bits, generator):
 @pytest.mark.parametrize("bits", (1, 2, 3, 4, 8))
 def test_centroids_are_the_codebook_rounded_to_float16(bits):
     """The kernels read the centroids as fp16: they must be fp16 values within 2^-11 of the Lloyd-Max ones."""
-    centroids, boundaries = TurboQuantizer(128, bits).state(torch.device("cpu"))[1:3]
+    state = TurboQuantizer(128, bits).state(torch.device("cpu"))
+    centroids, boundaries = state.centroids, state.boundaries
     exact, _ = codebook(128, bits)
     assert torch.equal(centroids, centroids.half().float())
     assert torch.all((centroids - exact).abs() <= 2.0**-11 * exact.abs())
@@ -344,8 +345,14 @@ def test_quantized_tensor_cat(quantized, dim):
     quantizer, x, _ = quantized
     axis = dim % 2
     pieces = torch.split(x, [1, 2, x.shape[axis] - 3], dim=axis)
-    joined = QuantizedTensor.cat([quantizer.quantize(p) for p in pieces], dim=dim)
-    assert all_tensors_equal(joined, quantizer.quantize(x))
+    joined, whole = QuantizedTensor.cat([quantizer.quantize(p) for p in pieces], dim=dim), quantizer.quantize(x)
+    # Indices, signs and scales bit for bit; the QJL residual norm is a float reduction whose vectorization (and so
+    # its last bits) depend on the batch shape on some CPUs: within a few float32 ulps.
+    assert all(torch.equal(getattr(joined, name), getattr(whole, name)) for name in ("packed_indices", "norms"))
+    assert (joined.qjl_signs is None) == (whole.qjl_signs is None)
+    if whole.qjl_signs is not None:
+        assert torch.equal(joined.qjl_signs, whole.qjl_signs)
+        torch.testing.assert_close(joined.residual_norms, whole.residual_norms, rtol=1e-6, atol=0)
     assert joined.shape == x.shape
 
 

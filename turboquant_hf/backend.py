@@ -17,11 +17,6 @@ logger = logging.getLogger("turboquant_hf")
 _warned: set[str] = set()
 
 
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for launch grids (``triton.cdiv`` is a jit function: calling it from Python costs microseconds)."""
-    return -(-a // b)
-
-
 def warn_once(message: str) -> None:
     """Log ``message`` as a warning the first time it is seen in this process."""
     if message not in _warned:

@@ -35,12 +35,40 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _QJL_SEED_OFFSET = 0x9E3779B1
 
 
-def _byte_table(centroids: torch.Tensor, bits: int) -> torch.Tensor | None:
-    """(256, 8 // bits) float32: row v = the centroids of the indices packed in byte value v, in packing order
-    (``packing.py``: low bits first); None at 3 bits, whose indices straddle bytes."""
+def _byte_table(centroids: torch.Tensor, bits: int, device: torch.device) -> torch.Tensor | None:
+    """(256, 8 // bits) float32 on ``device``: row v = the centroids of the indices packed in byte value v, in packing
+    order (``packing.py``: low bits first); None at 3 bits, whose indices straddle bytes."""
     if 8 % bits:
         return None
-    return centroids[field_indices(bits, 8).to(centroids.device)]
+    return centroids[field_indices(bits, 8)].to(device)
+
+
+@dataclasses.dataclass
+class QuantizerState:
+    """A quantizer's tensors on one device (all float32).
+
+    rotation: R; centroids (2**bits,) and boundaries (2**bits - 1,) of the fp16-rounded codebook; projection:
+    the QJL matrix S (dim, dim) or None; byte_table: ``_byte_table`` for the torch reconstruction, or None;
+    kernel: what the Triton kernels derive from the above (``kernels._common.KernelState``), made on first use.
+    """
+
+    rotation: Rotation
+    centroids: torch.Tensor
+    boundaries: torch.Tensor
+    projection: torch.Tensor | None
+    byte_table: torch.Tensor | None
+    kernel: object | None = None
+
+    def to(self, device: torch.device) -> "QuantizerState":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizerState(self.rotation.to(device), move(self.centroids), move(self.boundaries),
+                              move(self.projection), move(self.byte_table))
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.centroids, self.boundaries, self.projection, self.byte_table)
+        held = self.rotation.nbytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + (0 if self.kernel is None else self.kernel.nbytes)
 
 
 @dataclasses.dataclass
@@ -163,33 +191,27 @@ class TurboQuantizer:
         self.mse_bits = bits - 1 if qjl else bits
         self.seed = seed
         self.rotation = Rotation(dim, rotation, seed, device)
-        self.rotation_kind = rotation
         centroids, _ = codebook(dim, self.mse_bits)
         # Centroids rounded to float16 (relative change <= 2**-11; the MSE moves by < 1e-5 of itself), so that
         # the kernels' fp16 tensor-core dots read them exactly; boundaries are the midpoints of the rounded ones.
         centroids = centroids.half().float()
-        boundaries = (centroids[1:] + centroids[:-1]) / 2
-        self._states: dict[torch.device, tuple] = {}
-        self._byte_tables: dict[torch.device, torch.Tensor | None] = {}
-        self._build_state(torch.device(device) if device is not None else torch.device("cpu"), centroids, boundaries)
-
-    def _build_state(self, device: torch.device, centroids: torch.Tensor, boundaries: torch.Tensor) -> tuple:
         projection = None
-        if self.qjl:
-            generator = torch.Generator(device="cpu").manual_seed(self.seed + _QJL_SEED_OFFSET)
-            projection = torch.randn(self.dim, self.dim, generator=generator).to(device)
-        state = (self.rotation.to(device), centroids.to(device), boundaries.to(device), projection)
-        self._states[device] = state
-        self._byte_tables[device] = _byte_table(state[1], self.mse_bits)
-        return state
+        if qjl:
+            generator = torch.Generator(device="cpu").manual_seed(seed + _QJL_SEED_OFFSET)
+            projection = torch.randn(dim, dim, generator=generator)
+        home = torch.device(device) if device is not None else torch.device("cpu")
+        first = QuantizerState(self.rotation.to(home), centroids.to(home),
+                               ((centroids[1:] + centroids[:-1]) / 2).to(home),
+                               None if projection is None else projection.to(home),
+                               _byte_table(centroids, self.mse_bits, home))
+        self._states: dict[torch.device, QuantizerState] = {home: first}
 
-    def state(self, device: torch.device) -> tuple[Rotation, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(rotation, centroids fp32, boundaries fp32, qjl projection (dim, dim) fp32 or None) on ``device``."""
+    def state(self, device: torch.device) -> QuantizerState:
+        """The rotation, codebook and projection on ``device`` (copied there on first use, then kept)."""
         found = self._states.get(device)
-        if found is not None:
-            return found
-        _, centroids, boundaries, _ = next(iter(self._states.values()))
-        return self._build_state(device, centroids, boundaries)
+        if found is None:
+            found = self._states[device] = next(iter(self._states.values())).to(device)
+        return found
 
     @property
     def bytes_per_vector(self) -> int:
@@ -201,12 +223,8 @@ class TurboQuantizer:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of the per-device state (rotation, codebook, projection) on one device."""
-        device, (rotation, centroids, boundaries, projection) = next(iter(self._states.items()))
-        extra = 0 if projection is None else projection.numel() * 4
-        table = self._byte_tables[device]
-        extra += 0 if table is None else table.numel() * 4
-        return rotation.nbytes + (centroids.numel() + boundaries.numel()) * 4 + extra
+        """Bytes of the per-device state (rotation, codebook, projection, lookup tables) on one device."""
+        return next(iter(self._states.values())).nbytes
 
     def _check_input(self, x: torch.Tensor, name: str) -> None:
         if not isinstance(x, torch.Tensor):
@@ -225,7 +243,8 @@ class TurboQuantizer:
         self._check_input(x, "x")
         if check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf; TurboQuant needs finite vectors")
-        rotation, centroids, boundaries, projection = self.state(x.device)
+        state = self.state(x.device)
+        rotation, centroids, boundaries, projection = state.rotation, state.centroids, state.boundaries, state.projection
         x32 = x.float()
         norms = torch.linalg.vector_norm(x32, dim=-1)
         # Zero vectors: divide by 1 instead of 0; their norm of 0 makes them decode to exact zeros.
@@ -239,7 +258,8 @@ class TurboQuantizer:
         if projection is not None:
             residual = rotated - centroids[indices]
             residual_norms = torch.linalg.vector_norm(residual, dim=-1)
-            qjl_signs = pack((residual @ projection.T >= 0).to(torch.uint8), 1)
+            # float64: a sign must not depend on how BLAS blocks the batch (quantizing parts == quantizing the whole).
+            qjl_signs = pack((residual.double() @ projection.double().T >= 0).to(torch.uint8), 1)
         return QuantizedTensor(packed_indices, norms, qjl_signs, residual_norms, self.dim, self.mse_bits, x.dtype)
 
     def _check_quantized(self, q: QuantizedTensor) -> None:
@@ -258,10 +278,10 @@ class TurboQuantizer:
         it are the unbiased estimate.
         """
         self._check_quantized(q)
-        _, centroids, _, projection = self.state(q.device)
-        table = self._byte_tables[q.device]
+        state = self.state(q.device)
+        table, projection = state.byte_table, state.projection
         if table is None:  # 3 bits: indices straddle bytes
-            rotated = centroids[unpack(q.packed_indices, self.mse_bits, self.dim)]
+            rotated = state.centroids[unpack(q.packed_indices, self.mse_bits, self.dim)]
         else:  # one lookup per packed byte (3-7x faster than unpacking then indexing, on CPU)
             packed = q.packed_indices
             rotated = table.index_select(0, packed.reshape(-1).long()).reshape(*packed.shape[:-1], self.dim)
@@ -274,8 +294,7 @@ class TurboQuantizer:
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """QuantizedTensor (...) -> (..., dim) in ``dtype`` (default: the dtype that was quantized)."""
         rotated = self.rotated_reconstruction(q)  # validates q first (TypeError/ValueError)
-        rotation = self.state(q.device)[0]
-        dense = rotation.unrotate(rotated) * q.norms.unsqueeze(-1)
+        dense = self.state(q.device).rotation.unrotate(rotated) * q.norms.unsqueeze(-1)
         return dense.to(dtype or q.dtype)
 
     def inner_product(self, query: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
@@ -286,7 +305,6 @@ class TurboQuantizer:
         """
         self._check_input(query, "query")
         self._check_quantized(q)
-        rotation = self.state(query.device)[0]
-        query_rotated = rotation.rotate(query.float())
+        query_rotated = self.state(query.device).rotation.rotate(query.float())
         keys_rotated = self.rotated_reconstruction(q) * q.norms.unsqueeze(-1)
         return query_rotated @ keys_rotated.transpose(-1, -2)

@@ -25,23 +25,12 @@ within ~1e-6 of float64. The fp16 split needs |q|, |q * scale|, |residual K/V| a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
-
-from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .dequant import centroid_table, decode_packed, fp16_field, load_packed
-from .encode import triton_unsupported
-from .rotate import column_block, rotate_columns, rotation_operands, split_fp16, tile_pieces
+from ._common import cdiv, check_supported, kernel_state, sm_count, tl, triton, use_triton
+from .dequant import decode_packed, fp16_field, load_packed
+from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
@@ -446,13 +435,6 @@ def _phases(bits: int, head_dim: int) -> int:
     return phases if head_dim // phases >= 16 else 1
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a few splits, enough to exercise the merge
-
-
 def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, device: torch.device) -> dict:
     """Launch shape from head_dim, query rows per kv head (group * M), batch * kv heads, and whether both K and V
     tiles are phased (4 or 2 bits).
@@ -468,7 +450,7 @@ def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, 
     programs per SM) were not faster.
     """
     block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
-    waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= _sm_count(device) else 16
+    waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= sm_count(device) else 16
     stages = 2 if phased and head_dim <= 128 else 1  # head_dim 256, fp32 window: 2 stages overflow shared memory
     return {"BLOCK_R": block_r, "BLOCK_N": 128, "RESIDUAL_BLOCK_N": 32, "num_warps": 4, "num_stages": stages,
             "waves": waves}
@@ -478,7 +460,7 @@ def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, de
     """(splits, tokens per split): about ``waves`` programs per SM, at least _MIN_SPLIT_TOKENS per split."""
     if compressed_len == 0:
         return 0, block_n
-    wanted = cdiv(waves * _sm_count(device), programs)
+    wanted = cdiv(waves * sm_count(device), programs)
     splits = max(1, min(wanted, cdiv(compressed_len, _MIN_SPLIT_TOKENS)))
     split_len = cdiv(cdiv(compressed_len, splits), block_n) * block_n
     return cdiv(compressed_len, split_len), split_len
@@ -499,13 +481,10 @@ def decode_attention_triton(
 ) -> torch.Tensor:
     """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence).
 
-    QJL keys or values and head dims that are not a power of two >= 16 use the torch twin.
+    ValueError for QJL keys or values and head dims that are not a power of two >= 16 (``decode_attention`` sends
+    them to the torch twin).
     """
-    reason = triton_unsupported(key_quantizer) or triton_unsupported(value_quantizer)
-    if reason is not None:
-        warn_once(f"turboquant_hf: Triton decode attention does not support {reason}; using the torch path")
-        return decode_attention_torch(query, keys, values, key_quantizer, value_quantizer, residual_keys,
-                                      residual_values, scale=scale, softcap=softcap, attention_mask=attention_mask)
+    check_supported("decode attention", key_quantizer, value_quantizer)
     _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
     batch, q_heads, n_queries, dim = query.shape
     device = query.device
@@ -522,9 +501,7 @@ def decode_attention_triton(
     slots = splits + 1  # the last slot holds the residual window (all -inf/0 without one)
 
     # Queries meet keys in the key basis; the output leaves the value basis (the two may differ).
-    rot_t, rot_t_scale = rotation_operands(key_quantizer, device, transpose=True)
-    rot, rot_scale = rotation_operands(value_quantizer, device, transpose=False)
-    key_table, value_table = centroid_table(key_quantizer, device), centroid_table(value_quantizer, device)
+    key_operands, value_operands = kernel_state(key_quantizer, device), kernel_state(value_quantizer, device)
     part_out = torch.empty((batch * kv_heads, slots, padded_rows, dim), device=device, dtype=torch.float32)
     part_max = torch.empty((batch * kv_heads, slots, padded_rows), device=device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
@@ -545,10 +522,10 @@ def decode_attention_triton(
     q_rot = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
     _rotate_query_kernel[(batch * kv_heads, row_blocks)](
         query, *query.stride(),
-        rot_t, q_rot,
-        kv_heads, group, n_queries, padded_rows, float(scale) * rot_t_scale,
+        key_operands.rotate, q_rot,
+        kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale,
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
-        TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=rot_t.shape[0], num_warps=4,
+        TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0], num_warps=4,
     )
     _split_kernel[(slots, batch * kv_heads, row_blocks)](
         query, *query.stride(),
@@ -557,7 +534,7 @@ def decode_attention_triton(
         keys.norms, *keys.norms.stride(),
         values.packed_indices, *values.packed_indices.stride(),
         values.norms, *values.norms.stride(),
-        key_table, value_table,
+        key_operands.table, value_operands.table,
         residual_keys, *rk_strides,
         residual_values, *rv_strides,
         mask, *mask_strides,
@@ -572,10 +549,10 @@ def decode_attention_triton(
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     _merge_kernel[(batch * kv_heads, row_blocks)](
-        part_out, part_max, part_sum, rot,
+        part_out, part_max, part_sum, value_operands.unrotate,
         out, *out.stride(),
-        kv_heads, group, n_queries, splits, padded_rows, rot_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=rot.shape[0],
+        kv_heads, group, n_queries, splits, padded_rows, value_operands.unrotate_scale,
+        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=value_operands.unrotate.shape[0],
         num_warps=4,
     )
     return out
@@ -595,6 +572,7 @@ def decode_attention(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a compressed cache with the backend for query.device (see decode_attention_torch)."""
-    run = decode_attention_triton if backend_for(query.device) == "triton" else decode_attention_torch
+    fused = use_triton(query.device, "decode attention", key_quantizer, value_quantizer)
+    run = decode_attention_triton if fused else decode_attention_torch
     return run(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
                scale=scale, softcap=softcap, attention_mask=attention_mask)

@@ -1,7 +1,7 @@
 """Dequantize a QuantizedTensor into a preallocated dense tensor: Triton kernel + torch twin.
 
 ``load_packed`` + ``decode_packed`` (shared with the fused attention kernel) turn a tile of packed vectors
-into their fp16 centroids. Decoding gathers from a small lookup table (``centroid_table``) whose entries
+into their fp16 centroids. Decoding gathers from a small lookup table (``_common.centroid_table``) whose entries
 hold the fp16 centroids of 1, 2 or 4 neighbouring coordinates at once (one gather per byte at 2 and 4 bits),
 and only then interleaves the gathered values back into coordinate order: gathering after the interleave
 would make Triton shuffle a tile of 64-bit pointers through shared memory. The centroids are fp16 values
@@ -12,48 +12,15 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
-
-from ..backend import backend_for, cdiv, warn_once
-from ..packing import field_indices
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .encode import row_block, row_launch, triton_unsupported
-from .rotate import column_block, rotate_columns, rotation_operands
+from ._common import cdiv, check_supported, kernel_state, row_block, row_launch, tl, triton, use_triton
+from .rotate import column_block, rotate_columns
 
-# Launch per device type (see encode.row_launch; each program reads the rotation's pieces from L2, so larger blocks
+# Launch per device type (see _common.row_launch; each program reads the rotation's pieces from L2, so larger blocks
 # cut that traffic); bench_attention.py --sweep times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
 # Vectors per slice of the torch twin (bounds its temporaries to ~100 MB at head_dim 128).
 _TORCH_SLICE_VECTORS = 1 << 14
-# bits -> packed bits per table index (a table entry holds the centroids of index_bits / bits coordinates).
-_TABLE_INDEX_BITS = {1: 4, 2: 8, 3: 6, 4: 8, 8: 8}
-_ENTRY_DTYPE = {1: torch.float16, 2: torch.int32, 4: torch.int64}  # by coordinates per entry
-_table_cache: dict[tuple, torch.Tensor] = {}
-
-
-def centroid_table(quantizer: TurboQuantizer, device: torch.device) -> torch.Tensor:
-    """Lookup table of ``decode_packed``, cached per (dim, bits, device).
-
-    Entry e (one per value of a field of ``index_bits`` packed bits, which holds ``per_entry`` indices
-    i_0, i_1, ... at bit offsets 0, bits, ...) packs the fp16 bit patterns of c[i_0], c[i_1], ... at bit
-    offsets 0, 16, ...: (2**index_bits,) float16 at 8 bits, int32 at 3 and 4 bits, int64 at 1 and 2 bits.
-    """
-    key = (quantizer.dim, quantizer.mse_bits, device)
-    found = _table_cache.get(key)
-    if found is None:
-        bits = quantizer.mse_bits
-        index_bits = _TABLE_INDEX_BITS[bits]
-        fields = quantizer.state(torch.device("cpu"))[1].half()[field_indices(bits, index_bits)]
-        # (entries, per_entry) fp16 viewed as one integer per row: little-endian, so c[i_0] lands in bits 0..15.
-        table = fields.view(_ENTRY_DTYPE[fields.shape[1]]).squeeze(1)
-        found = _table_cache[key] = table.to(device)
-    return found
 
 
 @triton.jit
@@ -88,7 +55,7 @@ def load_packed(row_ptrs, row_valid, stride_byte, BITS: tl.constexpr, HEAD_DIM: 
 
 @triton.jit
 def decode_packed(words, table_ptr, BITS: tl.constexpr):
-    """Words of ``load_packed`` -> (BLOCK_N, HEAD_DIM) fp16 centroids in coordinate order (table: centroid_table)."""
+    """Words of ``load_packed`` -> (BLOCK_N, HEAD_DIM) fp16 centroids in coordinate order (table: _common.centroid_table)."""
     words = words.to(tl.int32)
     if BITS == 8:
         centroids = tl.load(table_ptr + words)
@@ -166,35 +133,31 @@ def dequantize_into_torch(q: QuantizedTensor, quantizer: TurboQuantizer, out: to
 def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
     """Same contract as ``dequantize_into_torch``; within 1e-5 relative of it in fp32.
 
-    QJL quantizers and odd head dims use the torch twin.
+    ValueError for QJL quantizers and head dims that are not a power of two >= 16 (``dequantize_into`` sends them to
+    the torch twin).
     """
-    reason = triton_unsupported(quantizer)
-    if reason is not None:
-        warn_once(f"turboquant_hf: Triton dequantize does not support {reason}; using the torch path")
-        return dequantize_into_torch(q, quantizer, out)
+    check_supported("dequantize", quantizer)
     _check(q, quantizer, out)
     batch, heads, n_tokens = q.norms.shape
     if n_tokens == 0:
         return None
     device = out.device
-    pieces, rot_scale = rotation_operands(quantizer, device, transpose=False)
-    table = centroid_table(quantizer, device)
+    operands = kernel_state(quantizer, device)
     block_m, num_warps = row_launch(_LAUNCH, device, quantizer.dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
         q.norms, *q.norms.stride(),
-        pieces, table,
+        operands.unrotate, operands.table,
         out, *out.stride(),
-        heads, n_tokens, rot_scale,
+        heads, n_tokens, operands.unrotate_scale,
         HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
-        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=pieces.shape[0], num_warps=num_warps,
+        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=operands.unrotate.shape[0], num_warps=num_warps,
     )
     return None
 
 
 def dequantize_into(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
     """Dequantize q (batch, heads, n) into out (batch, heads, n, dim) with the backend for out.device."""
-    if backend_for(out.device) == "triton":
-        return dequantize_into_triton(q, quantizer, out)
-    return dequantize_into_torch(q, quantizer, out)
+    run = dequantize_into_triton if use_triton(out.device, "dequantize", quantizer) else dequantize_into_torch
+    return run(q, quantizer, out)

@@ -10,45 +10,12 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
-
-from ..backend import backend_for, cdiv, warn_once
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from .rotate import column_block, rotate_columns, rotation_operands, split_fp16
+from ._common import cdiv, check_supported, kernel_state, row_block, row_launch, tl, triton, use_triton
+from .rotate import column_block, rotate_columns, split_fp16
 
 # Launch per device type (see row_launch); bench_attention.py --sweep times alternatives on a GPU.
 _LAUNCH = {"cuda": {"elements": 8192, "num_warps": 4}, "cpu": {"elements": 1024, "num_warps": 4}}
-
-
-def triton_unsupported(quantizer: TurboQuantizer) -> str | None:
-    """Why the Triton kernels cannot handle this quantizer (None when they can)."""
-    if quantizer.qjl:
-        return "QJL quantizers"
-    dim = quantizer.dim
-    if dim < 16 or dim & (dim - 1):
-        return f"head_dim={dim} (Triton tiles need a power of two >= 16)"
-    return None
-
-
-def row_launch(launch: dict, device: torch.device, dim: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for a kernel over rows of ``dim`` coordinates, from its per-device-type launch table
-    ({"cuda": {"elements", "num_warps"}, "cpu": ...}): elements / dim vectors per program, at least 16."""
-    chosen = launch["cuda" if device.type == "cuda" else "cpu"]
-    return max(16, chosen["elements"] // dim), chosen["num_warps"]
-
-
-@triton.jit
-def row_block(heads, n_tokens, BLOCK_M: tl.constexpr):
-    """The program's (batch, head) as int64 and its BLOCK_M rows of n_tokens, for a grid (row blocks, B * heads)."""
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64), rows, rows < n_tokens
 
 
 @triton.jit
@@ -172,28 +139,25 @@ def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quant
 
 
 def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
-    """Same contract as ``encode_into_torch``; QJL quantizers and odd head dims use the torch twin."""
-    reason = triton_unsupported(quantizer)
-    if reason is not None:
-        warn_once(f"turboquant_hf: Triton encode does not support {reason}; using the torch path")
-        return encode_into_torch(x, quantizer, storage, start)
+    """Same contract as ``encode_into_torch`` (ValueError for QJL quantizers and head dims that are not a power of
+    two >= 16, which ``encode_into`` sends to the torch twin)."""
+    check_supported("encode", quantizer)
     _check(x, quantizer, storage, start)
     batch, heads, n_tokens, dim = x.shape
     if n_tokens == 0:
         return None
-    pieces, rot_scale = rotation_operands(quantizer, x.device, transpose=True)
-    centroids, boundaries = quantizer.state(x.device)[1:3]
+    operands, state = kernel_state(quantizer, x.device), quantizer.state(x.device)
     packed, norms = storage.packed_indices, storage.norms
     block_m, num_warps = row_launch(_LAUNCH, x.device, dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
-        pieces, boundaries, centroids,
+        operands.rotate, state.boundaries, state.centroids,
         packed, *packed.stride(),
         norms, *norms.stride(),
-        heads, n_tokens, start, rot_scale,
+        heads, n_tokens, start, operands.rotate_scale,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
-        ROT_PIECES=pieces.shape[0],
+        ROT_PIECES=operands.rotate.shape[0],
         NORM_CORRECTION=quantizer.norm_correction, num_warps=num_warps,
     )
     return None
@@ -201,6 +165,5 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
 
 def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
     """Encode x (batch, heads, n, dim) into storage[:, :, start:start + n] with the backend for x.device."""
-    if backend_for(x.device) == "triton":
-        return encode_into_triton(x, quantizer, storage, start)
-    return encode_into_torch(x, quantizer, storage, start)
+    run = encode_into_triton if use_triton(x.device, "encode", quantizer) else encode_into_torch
+    return run(x, quantizer, storage, start)

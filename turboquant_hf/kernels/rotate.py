@@ -13,22 +13,11 @@ dots on the raw bits (3.9), and the same operations must run under the interpret
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no triton (macOS, Windows): the torch twins still work and backend_for picks them
-    from types import SimpleNamespace
-
-    triton, tl = SimpleNamespace(jit=lambda fn=None, **_: fn or (lambda f: f)), None
-
-from ..quantizer import TurboQuantizer
+from ._common import tl, triton
 
 _COLUMN_BLOCK = 64  # output columns per rotate_columns call in the kernels (a (rows, 64) fp32 tile)
-_operand_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
 
 
 def column_block(dim: int) -> int:
@@ -40,28 +29,6 @@ def column_block(dim: int) -> int:
 def tile_pieces(dtype: torch.dtype) -> int:
     """How many fp16 pieces a tile of ``dtype`` meets ``rotate_columns`` in: 1 for fp16 (exact), else 2."""
     return 1 if dtype == torch.float16 else 2
-
-
-def rotation_operands(quantizer: TurboQuantizer, device: torch.device, *,
-                      transpose: bool) -> tuple[torch.Tensor, float]:
-    """(pieces, scale): pieces (P, D, D) fp16 contiguous, P = 1 (Hadamard) or 2 (dense), with
-    scale * pieces.sum(0) = R^T (``transpose``, rotate: x @ R^T) or R (unrotate: y @ R) to ~2^-22 relative.
-    Cached per (kind, dim, seed, device, transpose)."""
-    rotation = quantizer.state(device)[0]
-    key = (rotation.kind, rotation.dim, rotation.seed, device, transpose)
-    found = _operand_cache.get(key)
-    if found is None:
-        matrix = rotation.matrix().double()
-        matrix = matrix.T if transpose else matrix
-        if rotation.kind == "hadamard":  # sqrt(D) R = H diag(signs): one exact piece of +-1
-            scale = 1 / math.sqrt(rotation.dim)
-            pieces = matrix.sign()[None].to(torch.float16)
-        else:
-            scale = 1.0
-            hi = matrix.to(torch.float16)
-            pieces = torch.stack((hi, (matrix - hi.double()).to(torch.float16)))
-        found = _operand_cache[key] = (pieces.contiguous(), scale)
-    return found
 
 
 @triton.jit
