@@ -35,6 +35,10 @@ SCALES = {
 # the 8-bit codebook's outer cells are wide, so its rare tail errors dwarf its mean). Never above 2, which any
 # norm-corrected reconstruction meets (it keeps the length, and the nearest centroids are positively correlated).
 ERROR_FACTOR = {1: 8.0, 2: 8.0, 3: 12.0, 4: 25.0, 8: 500.0}
+# Test vectors draw from seed + this offset (seeds < 2**31, so the sum stays below 2**32: torch's CPU generator keeps
+# only a seed's low 32 bits): the dense rotation draws its Gaussian matrix from torch.Generator(seed), seed 0..3 here,
+# and a vector equal to that matrix's first row is aligned with the rotation (errors of 26-850x the distortion).
+DATA_SEED_OFFSET = 1_000_003
 
 
 def error_bound(dim: int, bits: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -48,7 +52,7 @@ def error_bound(dim: int, bits: int, dtype: torch.dtype) -> tuple[float, float]:
 def random_vectors(shape, dtype, scale, seed, zero_fraction=0.0) -> torch.Tensor:
     """Gaussian (..., D) vectors with max |x_j| = scale * U[0.1, 1] (rescaled in float64, then rounded to dtype);
     a ``zero_fraction`` of them exactly zero."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + DATA_SEED_OFFSET)
     x = torch.randn(*shape, generator=generator, dtype=torch.float64)
     factor = 0.1 + 0.9 * torch.rand((*shape[:-1], 1), generator=generator, dtype=torch.float64)
     x = x / x.abs().amax(dim=-1, keepdim=True) * factor * scale
