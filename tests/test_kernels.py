@@ -95,9 +95,9 @@ def _boundary_distance(x: torch.Tensor, quantizer: TurboQuantizer) -> torch.Tens
     """Distance of each rotated unit coordinate (torch path, fp32) to its nearest codebook boundary."""
     state = quantizer.state(x.device)
     rotation, boundaries = state.rotation, state.boundaries
-    x32 = x.float()
-    norms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
-    rotated = rotation.rotate(x32 / torch.where(norms > 0, norms, torch.ones_like(norms)))
+    x64 = x.double()  # float64: the norm of any fp32 vector, huge or subnormal, is exact enough
+    norms = torch.linalg.vector_norm(x64, dim=-1, keepdim=True)
+    rotated = rotation.rotate((x64 / torch.where(norms > 0, norms, torch.ones_like(norms))).float())
     return (rotated.unsqueeze(-1) - boundaries).abs().amin(dim=-1)
 
 
@@ -240,8 +240,8 @@ def test_bucketize_matches_torch_on_ties_signs_and_nan(bits):
 def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: torch.Tensor,
                     quantizer: TurboQuantizer, start: int) -> None:
     """Indices equal except (< 0.1% of them) within 1e-5/sqrt(D) of a boundary; stored scales within 1e-6 of
-    float64 ||x|| (/ ||c[i]|| of the kernel's own indices, with norm correction); slots outside [start, start + n)
-    untouched."""
+    float64 ||x|| (/ ||c[i]|| of the kernel's own indices, with norm correction; plus two fp32 subnormal steps for
+    subnormal scales); slots outside [start, start + n) untouched."""
     stop = start + x.shape[2]
     window = slice(start, stop)
     for name in ("packed_indices", "norms"):
@@ -254,7 +254,7 @@ def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: tor
         centroids = quantizer.state(got.device).centroids.double()
         expected_norms = expected_norms / centroids[got.long()].norm(dim=-1)
     norms = storage.norms[:, :, window].double()
-    assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms).all()
+    assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms + 2.0**-148).all()
     mismatch = got != want
     assert mismatch.float().mean().item() < 1e-3
     if mismatch.any():
@@ -291,6 +291,64 @@ def test_encode_rejects_overflow():
     storage = _sentinel_storage(quantizer, 1, 1, 8)
     with pytest.raises(ValueError, match="capacity"):
         encode_mod.encode_into_triton(_randn(1, 1, 5, 64, seed=0), quantizer, storage, 4)
+
+
+# (dtype, largest |x_j|): past the fp32 sum of squares (norms above ~1.8e19 once gave NaN), near the fp32 maximum,
+# below its underflow (tiny norms once gave 0), subnormal; fp16 and bf16 at their extremes.
+EXTREME_SCALES = [
+    (torch.float32, 1e30), (torch.float32, 3e37), (torch.float32, 1e-30), (torch.float32, 1e-42),
+    (torch.float16, 65504.0), (torch.float16, 1e-5), (torch.bfloat16, 3e37), (torch.bfloat16, 1e-30),
+    # Triton's interpreter (3.9) converts bf16 subnormals to fp32 wrongly (1.1e-39 -> 5.9e-39): compiled CUDA only.
+    pytest.param(torch.bfloat16, 1e-39, marks=pytest.mark.skipif(not ON_CUDA, reason="interpreter bf16 subnormals")),
+]
+
+
+def _scaled_to(max_abs: float, dtype: torch.dtype, *shape, seed: int) -> torch.Tensor:
+    """Gaussian vectors rescaled in float64 to max |x_j| = max_abs, then rounded to dtype; one zero vector."""
+    x = _randn(*shape, seed=seed, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=-1, keepdim=True) * max_abs).to(dtype)
+    x[0, 1, 5] = 0
+    return x
+
+
+@small
+@pytest.mark.parametrize("bits", (4, 3))
+@pytest.mark.parametrize("dtype, max_abs", EXTREME_SCALES, ids=lambda v: str(v).replace("torch.", ""))
+def test_encode_and_dequantize_extreme_norms_match_torch(dtype, max_abs, bits):
+    """The kernels' max-abs-scaled norm math equals the torch twin's over the whole range of each dtype: stored
+    scales against float64, indices, and the decoded vectors (saturated at the dtype's largest value, finite)."""
+    quantizer = TurboQuantizer(64, bits, seed=3)
+    x = _scaled_to(max_abs, dtype, 2, 2, 37, 64, seed=bits)
+    reference = _sentinel_storage(quantizer, 2, 2, 40)
+    storage = _clone(reference)
+    encode_mod.encode_into_torch(x, quantizer, reference, 2)
+    encode_mod.encode_into_triton(x, quantizer, storage, 2)
+    _check_encoding(storage, reference, x, quantizer, 2)
+    assert torch.isfinite(storage.norms).all() and (storage.norms[0, 1, 7] == 0)
+    view = storage[:, :, 2:39]
+    out, expected = torch.empty_like(x), torch.empty_like(x)
+    dequant_mod.dequantize_into_torch(view, quantizer, expected)
+    dequant_mod.dequantize_into_triton(view, quantizer, out)
+    assert torch.isfinite(out).all() and torch.isfinite(expected).all() and (out[0, 1, 5] == 0).all()
+    # The kernel scales by norm / sqrt(D) first: a subnormal scale rounds once more (< 2^-149 times |R^T c| <= 8).
+    scale = expected.double().abs().max()
+    tolerance = 1e-5 * scale + 2 * EPS[dtype] * expected.double().abs() + 2.0**-146
+    assert ((out.double() - expected.double()).abs() <= tolerance).all()
+
+
+@small
+@pytest.mark.parametrize("key_norm_scale", (1e30, 1e-30))
+def test_decode_attention_extreme_key_norms(key_norm_scale):
+    """Compressed keys of norm ~1e31 (one-hot softmax) or ~1e-29 (uniform) attend like float64: key norms only scale
+    fp32 logits. (Value norms, |q|, |q * scale| and the residual window must stay below 65504: module docstring.)"""
+    args, kwargs = AttentionCase(1, 2, 2, 64, 120, 2, 4, 4, 5).build()
+    keys = args[1]
+    keys.norms.mul_(key_norm_scale)
+    out = attention_mod.decode_attention_triton(*args, **kwargs)
+    twin = attention_mod.decode_attention_torch(*args, **kwargs)
+    reference = _reference_attention(*args, **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(twin).all()
+    assert _relative_error(out, reference) <= 1e-4 and _relative_error(twin, reference) <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- dequantize

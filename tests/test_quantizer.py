@@ -251,6 +251,56 @@ def test_huge_norm_vectors(bits, dtype, generator):
     assert_mean_close(error, expected_mse(128, bits), rel=0.03)
 
 
+# (dtype, largest |x_j| of the test vectors): beyond the fp32 sum of squares (1e30, a norm of ~1.5e19 is its limit),
+# a norm near the fp32 maximum, below its underflow (1e-30) and down in the subnormals; fp16/bf16 at their extremes.
+EXTREME_SCALES = [
+    (torch.float32, 1e30), (torch.float32, 3e37), (torch.float32, 1e-30), (torch.float32, 1e-39),
+    (torch.float32, 1e-42), (torch.float16, 65504.0), (torch.float16, 1e-3), (torch.float16, 1e-5),
+    (torch.bfloat16, 3e37), (torch.bfloat16, 1e-30), (torch.bfloat16, 1e-39),
+]
+
+
+@pytest.mark.parametrize("bits", (1, 4, 8))
+@pytest.mark.parametrize("dtype, max_abs", EXTREME_SCALES, ids=lambda v: str(v).replace("torch.", ""))
+def test_extreme_norms_round_trip(dtype, max_abs, bits, generator):
+    """Finite vectors of any scale of their dtype (max |x_j| from the subnormals to the largest value, norms up to
+    ~1e38 at max 3e37, dim 64) meet the distortion of unit vectors against float64, keep their length (norm
+    correction) and decode finite in their own dtype (saturating at its largest value); zero vectors stay zero.
+    Before the max-abs scaling, the fp32 sum of squares made norms above ~1.8e19 decode to NaN and tiny ones to 0."""
+    quantizer = TurboQuantizer(64, bits, seed=0)
+    x64 = torch.randn(4000, 64, generator=generator, dtype=torch.float64)
+    x = (x64 / x64.abs().amax(dim=-1, keepdim=True) * max_abs).to(dtype)
+    x[[3, 77]] = 0
+    x64 = x.double()  # the reference is the input as its dtype holds it
+    q = quantizer.quantize(x)
+    assert torch.isfinite(q.norms).all() and q.norms.dtype == torch.float32
+    restored64 = quantizer.dequantize(q, torch.float64)  # the fp32 reconstruction, before rounding to dtype
+    assert torch.equal(restored64[[3, 77]], torch.zeros(2, 64, dtype=torch.float64))
+    nonzero = x64.abs().amax(dim=-1) > 0
+    x64, restored64 = x64[nonzero], restored64[nonzero]
+    # Lengths: fp32 relative rounding, plus one fp32 subnormal step per coordinate where the output is subnormal.
+    lengths = x64.norm(dim=-1)
+    subnormal_step = math.sqrt(64) * 2.0**-149
+    assert ((restored64.norm(dim=-1) - lengths).abs() <= 1e-5 * lengths + subnormal_step).all()
+    error = ((x64 - restored64) ** 2).sum(-1) / lengths**2
+    assert_mean_close(error, expected_mse(64, bits), rel=0.03 if max_abs > 1e-40 else 0.2)
+    restored = quantizer.dequantize(q)
+    limit = torch.finfo(dtype).max
+    assert restored.dtype == dtype and torch.isfinite(restored).all()
+    assert torch.equal(restored, quantizer.dequantize(q, torch.float32).clamp(-limit, limit).to(dtype))
+
+
+def test_norm_beyond_the_fp32_scale_saturates():
+    """A finite fp32 vector whose norm exceeds the fp32 maximum (the documented limit: the stored scale is fp32)
+    gets an inf scale; it decodes saturated at +-fp32 max or NaN, and leaves the other vectors alone."""
+    quantizer = TurboQuantizer(64, 4, seed=0)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    x[1] = 3e38
+    restored = quantizer.dequantize(quantizer.quantize(x))
+    assert torch.isinf(quantizer.quantize(x).norms[1])
+    assert torch.equal(restored[[0, 2]], quantizer.dequantize(quantizer.quantize(x[[0, 2]])))
+
+
 @pytest.mark.parametrize("bits, qjl", CONFIGS)
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
 def test_empty_inputs(lead, bits, qjl):

@@ -239,6 +239,8 @@ class TurboQuantizer:
 
         Zero vectors round-trip to exact zeros. With ``check_finite`` (default) NaN/Inf raise ValueError
         (one host sync); without it a non-finite vector decodes to NaN and no other vector is affected.
+        Any finite x, subnormal to huge, keeps the usual relative error, as long as the fp32 scale s holds its
+        norm: ||x|| / ||c[i]|| < 3.4e38 (||c[i]|| ~ 0.8 at 1 bit, ~1 at 4 bits); a larger one stores s = inf.
         """
         self._check_input(x, "x")
         if check_finite and not bool(torch.isfinite(x).all()):
@@ -246,9 +248,14 @@ class TurboQuantizer:
         state = self.state(x.device)
         rotation, centroids, boundaries, projection = state.rotation, state.centroids, state.boundaries, state.projection
         x32 = x.float()
-        norms = torch.linalg.vector_norm(x32, dim=-1)
+        # ||x|| = m ||x / m||, m = max |x_j|: the fp32 sum of squares of x itself overflows for norms above ~1.8e19
+        # (NaN decodes) and loses tiny vectors to underflow; x / m has max 1, so its norm is in [1, sqrt(dim)].
         # Zero vectors: divide by 1 instead of 0; their norm of 0 makes them decode to exact zeros.
-        unit = x32 / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
+        max_abs = x32.abs().amax(dim=-1, keepdim=True)
+        scaled = x32 / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+        scaled_norms = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+        unit = scaled / torch.where(scaled_norms > 0, scaled_norms, torch.ones_like(scaled_norms))
+        norms = (max_abs * scaled_norms).squeeze(-1)
         rotated = rotation.rotate(unit)
         indices = torch.bucketize(rotated, boundaries)
         packed_indices = pack(indices, self.mse_bits)
@@ -295,7 +302,11 @@ class TurboQuantizer:
         """QuantizedTensor (...) -> (..., dim) in ``dtype`` (default: the dtype that was quantized)."""
         rotated = self.rotated_reconstruction(q)  # validates q first (TypeError/ValueError)
         dense = self.state(q.device).rotation.unrotate(rotated) * q.norms.unsqueeze(-1)
-        return dense.to(dtype or q.dtype)
+        dtype = dtype or q.dtype
+        # A coordinate near the dtype's largest value can decode past it by the quantization error: saturate
+        # instead of rounding to inf (NaN stays NaN).
+        limit = min(torch.finfo(dtype).max, torch.finfo(dense.dtype).max)
+        return dense.clamp(-limit, limit).to(dtype)
 
     def inner_product(self, query: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
         """Estimated query . key^T, broadcasting like matmul.

@@ -20,7 +20,10 @@ The per-token dots run on fp16 tensor cores at about fp32 accuracy: the decoded 
 values (``TurboQuantizer`` rounds its codebook to fp16), and the fp32 side (scaled rotated queries,
 softmax weights times value norms) is split into fp16 hi + lo, two dots accumulated in fp32. The dense
 residual window splits both sides (three dots). So the same math runs on the interpreter and on the GPU,
-within ~1e-6 of float64. The fp16 split needs |q|, |q * scale|, |residual K/V| and value norms < 65504.
+within ~1e-6 of float64. The fp16 split needs |q|, |q * scale|, |residual K/V| and value norms < 65504 (larger
+ones give inf/NaN), and loses relative accuracy where they fall below fp16's normal range (~6e-5; the lo half
+bottoms out at ~6e-8 absolute: value norms of 1e-6 carry a few percent of error). Key norms only scale fp32
+logits: any finite stored key scale works while the logits stay finite. The torch twin has none of these limits.
 """
 
 from __future__ import annotations

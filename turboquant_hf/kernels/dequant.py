@@ -91,7 +91,7 @@ def _dequant_kernel(
     out_ptr, stride_ob, stride_oh, stride_on, stride_od,
     heads, n_tokens, rot_scale,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
-    ROT_PIECES: tl.constexpr,
+    ROT_PIECES: tl.constexpr, OUT_MAX: tl.constexpr,
 ):
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     rows64 = rows.to(tl.int64)
@@ -103,9 +103,11 @@ def _dequant_kernel(
     cols = tl.arange(0, BLOCK_COL)
     # The fp16 centroids are exact: c[idx] @ R costs one fp16 dot per piece of R (one for Hadamard).
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
-        dense = rotate_columns(codes, codes, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 1, ROT_PIECES)
+        dense = rotate_columns(codes, codes, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 1, ROT_PIECES) * scales[:, None]
+        # Saturate at the output dtype's largest value like the torch twin (NaN fails both compares: kept).
+        dense = tl.where(dense > OUT_MAX, OUT_MAX, tl.where(dense < -OUT_MAX, -OUT_MAX, dense))
         tl.store(out_rows[:, None] + (col0 + cols)[None, :] * stride_od,
-                 (dense * scales[:, None]).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+                 dense.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _check(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
@@ -152,7 +154,8 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         out, *out.stride(),
         heads, n_tokens, operands.unrotate_scale,
         HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
-        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=operands.unrotate.shape[0], num_warps=num_warps,
+        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=operands.unrotate.shape[0],
+        OUT_MAX=torch.finfo(out.dtype).max, num_warps=num_warps,
     )
     return None
 

@@ -1,7 +1,8 @@
 """Encode (B, H, n, D) vectors into preallocated QuantizedTensor storage: Triton kernel + torch twin.
 
-The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm, rotation as tensor-core dots with exact products
-(``rotate.rotate_columns``; it differs from the torch matmul only by fp32 rounding), index = number of boundaries < y
+The kernel mirrors ``TurboQuantizer.quantize``: fp32 norm (max |x_j| * ||x / max |x_j|||, finite over the fp32
+range), rotation as tensor-core dots with exact products (``rotate.rotate_columns``; it differs from the torch matmul
+only by fp32 rounding), index = number of boundaries < y
 (ties go to the lower centroid like ``torch.bucketize``), the bit layout of ``packing.py``,
 and the stored scale ||x|| / ||c[i]|| (norm correction) or ||x||. QJL quantizers use the torch twin.
 """
@@ -76,9 +77,14 @@ def _encode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
     x = tl.load(x_rows[:, None] + dims[None, :] * stride_xd, mask=row_valid[:, None], other=0.0).to(tl.float32)
-    norms = tl.sqrt(tl.sum(x * x, axis=1))
-    # Zero vectors divide by 1: their norm of 0 decodes them to exact zeros. |unit| <= 1: safe to split into fp16.
-    unit_hi, unit_lo = split_fp16(x * (1.0 / tl.where(norms > 0, norms, 1.0))[:, None])
+    # ||x|| = m ||x / m||, m = max |x_j|, like the torch twin: no overflow of the sum of squares above ~1.8e19, no
+    # underflow of tiny vectors. Zero vectors divide by 1: their norm of 0 decodes them to exact zeros.
+    max_abs = tl.max(tl.abs(x), axis=1)
+    scaled = x / tl.where(max_abs > 0, max_abs, 1.0)[:, None]
+    scaled_norms = tl.sqrt(tl.sum(scaled * scaled, axis=1))
+    norms = max_abs * scaled_norms
+    # |unit| <= 1: safe to split into fp16.
+    unit_hi, unit_lo = split_fp16(scaled * (1.0 / tl.where(scaled_norms > 0, scaled_norms, 1.0))[:, None])
 
     slot = start + rows.to(tl.int64)
     centroid_sq = tl.zeros((BLOCK_M,), tl.float32)  # ||c[i]||^2, summed column block by column block
