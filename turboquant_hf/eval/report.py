@@ -17,11 +17,15 @@ import os
 import platform
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = "turboquant_hf.eval/1"
-PACKAGES = ("turboquant_hf", "torch", "transformers", "optimum-quanto", "hqq", "gguf", "numpy", "scipy", "matplotlib")
+# Installed versions looked up by distribution name; turboquant_hf's own comes from its __version__, which
+# holds whatever its distribution is called.
+PACKAGES = ("torch", "transformers", "optimum-quanto", "hqq", "gguf", "numpy", "scipy", "matplotlib")
 
 
 def _fmt_ci(ci) -> str:
@@ -69,6 +73,10 @@ def _version(package: str) -> str | None:
 
 def environment(device: torch.device | None = None) -> dict:
     """The machine and package versions a result was measured with."""
+    import torch
+
+    from .. import __version__
+
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
@@ -79,7 +87,7 @@ def environment(device: torch.device | None = None) -> dict:
         "device": str(device) if device is not None else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "cuda": torch.version.cuda if cuda else None,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {"turboquant_hf": __version__, **{name: _version(name) for name in PACKAGES}},
     }
 
 

@@ -30,18 +30,31 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import transformers
-from transformers import DynamicCache, QuantizedCache, cache_utils
-from transformers.utils import is_hqq_available, is_optimum_quanto_available
-
-from ..codebook import SUPPORTED_BITS
-from ..rotation import ROTATIONS
-
+# The pip name of this project (pyproject.toml); the import name stays turboquant_hf.
+DISTRIBUTION = "turboquant-kvcache"
+# codebook.SUPPORTED_BITS and rotation.ROTATIONS, restated so that the command line (its --help, its spec
+# parsing) imports no torch; tests/test_eval.py checks that they agree.
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+ROTATIONS = ("hadamard", "dense")
 FAMILIES = ("dynamic", "turboquant", "fp8", "quanto", "hqq")
 QJL_BITS = (2, 3, 4)  # QJL takes one of the key bits, so the MSE stage keeps at least one
 QUANTO_BITS = (2, 4)
 HQQ_BITS = (1, 2, 3, 4, 8)
-_BACKEND_PACKAGE = {"quanto": ("optimum-quanto", is_optimum_quanto_available), "hqq": ("hqq", is_hqq_available)}
+
+
+def _quanto_available() -> bool:
+    from transformers.utils import is_optimum_quanto_available
+
+    return is_optimum_quanto_available()
+
+
+def _hqq_available() -> bool:
+    from transformers.utils import is_hqq_available
+
+    return is_hqq_available()
+
+
+_BACKEND_PACKAGE = {"quanto": ("optimum-quanto", _quanto_available), "hqq": ("hqq", _hqq_available)}
 
 
 def _bits_set(bits: tuple[int, ...]) -> str:
@@ -182,7 +195,12 @@ def parse_cache_specs(text: str) -> list[CacheSpec]:
 
 def missing_backend(spec: CacheSpec) -> str | None:
     """A message naming the package to install if ``spec`` needs one that is absent, else None."""
-    if spec.family == "fp8" and not hasattr(cache_utils, "Fp8QuantizedLayer"):
+    if spec.family == "fp8":
+        import transformers
+        from transformers import cache_utils
+
+        if hasattr(cache_utils, "Fp8QuantizedLayer"):
+            return None
         return (f"cache spec {spec.label!r} needs transformers' fp8 QuantizedCache, which this transformers "
                 f"({transformers.__version__}) does not have: pip install -U transformers")
     if spec.family not in _BACKEND_PACKAGE:
@@ -190,12 +208,14 @@ def missing_backend(spec: CacheSpec) -> str | None:
     package, available = _BACKEND_PACKAGE[spec.family]
     if available():
         return None
-    return (f"cache spec {spec.label!r} needs the {package} package: pip install 'turboquant_hf[{spec.family}]' "
+    return (f"cache spec {spec.label!r} needs the {package} package: pip install '{DISTRIBUTION}[{spec.family}]' "
             f"(or pip install {package})")
 
 
 def make_cache(spec: CacheSpec, config):
     """A fresh, empty cache for ``spec`` and the model ``config``."""
+    from transformers import DynamicCache, QuantizedCache
+
     if spec.family == "dynamic":
         return DynamicCache(config=config)
     if spec.family == "turboquant":
