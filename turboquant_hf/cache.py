@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import (
+    Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer,
+)
 
 from .config import LayerSettings, TurboQuantConfig, integer
 from .quantizer import FLOAT_DTYPES, QuantizedTensor, TurboQuantizer
@@ -87,15 +89,35 @@ class TurboQuantLayer(DynamicLayer):
     def __init__(self, key_bits: int = 4, value_bits: int = 4, *, qjl: bool = False, residual_length: int = 128,
                  rotation: str = "hadamard", seed: int = 0, norm_correction: bool = True,
                  settings: LayerSettings | None = None):
+        self.storage: PackedKV | None = None
         super().__init__()
         if settings is None:
             settings = TurboQuantConfig(bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
                                         rotation=rotation, seed=seed, norm_correction=norm_correction).for_layer(None)
         self.settings = settings
-        self.storage: PackedKV | None = None
         self._reader_config: PretrainedConfig | None = None  # set by serve_packed
 
     # ------------------------------------------------------------------------------------------- state
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The dense window's keys (B, H, r, D), where transformers' layer API (and models reading it) look."""
+        return None if self.storage is None else self.storage.window_keys
+
+    @keys.setter
+    def keys(self, value: None) -> None:  # CacheLayerMixin.__init__ sets None; nothing else may assign
+        if value is not None:
+            raise AttributeError("TurboQuantLayer.keys is its dense window: write through update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The dense window's values (B, H, r, D)."""
+        return None if self.storage is None else self.storage.window_values
+
+    @values.setter
+    def values(self, value: None) -> None:
+        if value is not None:
+            raise AttributeError("TurboQuantLayer.values is its dense window: write through update()")
+
     @property
     def residual_length(self) -> int:
         return self.settings.residual_length
@@ -243,6 +265,49 @@ class TurboQuantLayer(DynamicLayer):
             self._map_batch(lambda t: t.to(self.device, non_blocking=True))
 
 
+class TurboQuantHybridLayer(LinearAttentionLayer, TurboQuantLayer):
+    """A layer holding both a linear-attention / SSM state and attention K/V (Zamba2's hybrid layers, Falcon-H1):
+    transformers' ``LinearAttentionAndFullAttentionLayer`` with the K/V compressed; the conv/recurrent states are
+    transformers' own (``LinearAttentionLayer``)."""
+
+    def __init__(self, settings: LayerSettings, number_of_states: int = 1):
+        TurboQuantLayer.__init__(self, settings=settings)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # update() passes the K/V positionally; update_conv_state / update_recurrent_state pass keywords.
+        if len(args) == 2 and not kwargs:
+            TurboQuantLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def offload(self) -> None:
+        TurboQuantLayer.offload(self)
+        LinearAttentionLayer.offload(self)
+
+    def prefetch(self) -> None:
+        TurboQuantLayer.prefetch(self)
+        LinearAttentionLayer.prefetch(self)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        TurboQuantLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        TurboQuantLayer.reorder_cache(self, beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        LinearAttentionLayer.crop(self, tokens_to_remove)
+        TurboQuantLayer.crop(self, tokens_to_remove)
+
+
+_ENCODER_DECODER = (
+    "TurboQuantCache holds one decoder stack's self-attention; for an encoder-decoder model wrap it: "
+    "EncoderDecoderCache(TurboQuantCache(...), DynamicCache()) (the cross-attention K/V stay dense)"
+)
+
+
 # The short-form arguments of TurboQuantCache and their defaults (those of TurboQuantConfig).
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(TurboQuantConfig)
              if field.name != "layer_overrides"}
@@ -288,18 +353,58 @@ class TurboQuantCache(Cache):
             raise TypeError(f"model_config must be a transformers PretrainedConfig, got {type(model_config).__name__}")
         if not isinstance(offloading, bool):
             raise TypeError(f"offloading must be a bool, got {offloading!r}")
+        if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
+            raise ValueError(f"model_config is an encoder-decoder ({model_config.model_type}): {_ENCODER_DECODER}")
         self.config = config
         if model_config is None:  # layers are made as the model first reaches them, in order
             super().__init__(layer_class_to_replicate=self._next_layer, offloading=offloading)
             return
-        # Let transformers decide the layer kinds for this model, then compress the full-attention ones.
-        layers = [TurboQuantLayer(settings=config.for_layer(index)) if type(layer) is DynamicLayer else layer
-                  for index, layer in enumerate(DynamicCache(config=model_config).layers)]
+        # Let transformers decide the layer kinds for this model, then compress the self-attention K/V. Mllama's
+        # cross-attention layers stay dense: it reads their image K/V back as `layer.keys` / `layer.values`.
+        text_config = model_config.get_text_config(decoder=True)
+        cross_attention_layers = set(getattr(text_config, "cross_attention_layers", None) or ())
+        layers = []
+        for index, layer in enumerate(DynamicCache(config=model_config).layers):
+            if type(layer) is DynamicLayer and index not in cross_attention_layers:
+                layer = TurboQuantLayer(settings=config.for_layer(index))
+            elif type(layer) is LinearAttentionAndFullAttentionLayer:
+                layer = TurboQuantHybridLayer(config.for_layer(index), number_of_states=layer.number_of_states)
+            layers.append(layer)
         super().__init__(layers=layers, offloading=offloading)
 
     def _next_layer(self) -> TurboQuantLayer:
         """The layer the model reaches next (a method, not a closure: the cache stays picklable)."""
         return TurboQuantLayer(settings=self.config.for_layer(len(self.layers)))
+
+    # Built without model_config, the cache has attention layers only: a linear-attention / SSM model asks it for
+    # conv or recurrent states and would fail inside transformers with an IndexError.
+    def _refuse_linear_state_without_config(self, layer_idx) -> None:
+        if self.layer_class_to_replicate is not None:
+            raise ValueError(
+                f"the model asked layer {layer_idx} for linear-attention / state-space states, but this TurboQuantCache "
+                "was built without model_config= and holds attention layers only: build it with "
+                "TurboQuantCache(model_config=model.config, ...) so transformers makes those layers"
+            )
+
+    def has_previous_state(self, layer_idx: int | None = None, *args, **kwargs) -> bool:
+        self._refuse_linear_state_without_config(layer_idx)
+        return super().has_previous_state(layer_idx, *args, **kwargs)
+
+    def get_conv_state(self, layer_idx: int, *args, **kwargs):  # transformers >= 5.24
+        self._refuse_linear_state_without_config(layer_idx)
+        return super().get_conv_state(layer_idx, *args, **kwargs)
+
+    def get_recurrent_state(self, layer_idx: int, *args, **kwargs):  # transformers >= 5.24
+        self._refuse_linear_state_without_config(layer_idx)
+        return super().get_recurrent_state(layer_idx, *args, **kwargs)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
+        self._refuse_linear_state_without_config(layer_idx)
+        return super().update_conv_state(conv_states, layer_idx, *args, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
+        self._refuse_linear_state_without_config(layer_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, *args, **kwargs)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes the cache holds vs what DynamicCache would hold for the same tokens.
