@@ -485,7 +485,7 @@ def test_cache_filled_under_autograd_pickles_and_continues():
 
 
 def test_quantizer_cache_stays_bounded_with_a_seed_per_request():
-    from turboquant_hf.cache import _quantizer
+    from turboquant_hf.quantizer import shared_quantizer as _quantizer
 
     for seed in range(100):
         TurboQuantCache(bits=4, seed=seed).update(*random_states(batch=1, heads=1, tokens=1, dim=16, seed=seed), 0)

@@ -185,7 +185,7 @@ def test_make_cache_builds_each_family(model):
         assert (layer.nbits, layer.axis_key, layer.axis_value, layer.residual_length) == (4, 1, 1, 8)
     pytest.importorskip("turboquant_hf.cache")
     cache = make_cache(parse_cache_spec("k4v2-qjl:residual=16"), model.config)
-    assert (cache.key_bits, cache.value_bits, cache.qjl, cache.residual_length) == (4, 2, True, 16)
+    assert (cache.config.key_bits, cache.config.value_bits, cache.config.qjl, cache.config.residual_length) == (4, 2, True, 16)
     for text, corrected in (("tq4", True), ("tq4:norms=raw", False)):
         cache = make_cache(parse_cache_spec(text), model.config)
         forward(model, torch.ones(1, 4, dtype=torch.long), cache)

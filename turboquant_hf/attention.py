@@ -22,9 +22,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import ATTENTION_NAME, CompressedPast, TurboQuantLayer
+from .cache import ATTENTION_NAME, CompressedPast, StaticPast, TurboQuantLayer
 from .kernels import decode_attention
 from .kernels.decode_attention import attention_fp32
+from .ops import static_decode_attention
 from .storage import dense_states
 
 NAME = ATTENTION_NAME
@@ -57,7 +58,8 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          softcap: float | None = None, turboquant_layer: TurboQuantLayer | None = None,
-                         turboquant_past: CompressedPast | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                         turboquant_past: CompressedPast | StaticPast | None = None, **kwargs
+                         ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None).
 
     turboquant_layer, turboquant_past: put into the attention kwargs by ``TurboQuantLayer.update`` (cache.py's
@@ -79,6 +81,12 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     # tokens attending each other): with a mask, only single-token steps take the kernel.
     fusable = causal and n_queries <= MAX_FUSED_QUERIES and (attention_mask is None or n_queries == 1)
     past = turboquant_past
+    if isinstance(past, StaticPast):  # a compiled step of the static layout: one custom op, lengths on the device
+        out = static_decode_attention(
+            query, past.keys.packed_indices, past.keys.norms, past.values.packed_indices, past.values.norms,
+            past.window_keys, past.window_values, past.lengths, attention_mask, past.key_spec, past.value_spec,
+            float(scale), float(softcap or 0.0))
+        return out.transpose(1, 2).contiguous(), None
     if past is not None and past.length and fusable:
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
                                scale=scale, softcap=softcap, attention_mask=attention_mask)

@@ -20,7 +20,6 @@ Contract with the attention (the only way the two talk):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
@@ -30,8 +29,10 @@ from transformers.cache_utils import (
 )
 
 from .config import LayerSettings, TurboQuantConfig, integer
-from .quantizer import FLOAT_DTYPES, QuantizedTensor, TurboQuantizer
-from .storage import PackedKV
+from .quantizer import FLOAT_DTYPES, QuantizedTensor, TurboQuantizer, shared_quantizer
+from .kernels.decode_attention import static_dense
+from .ops import quantizer_spec
+from .storage import PackedKV, dense_states
 
 ATTENTION_NAME = "turboquant"
 # Tokens the window may exceed residual_length by before its oldest tokens are compressed in one block
@@ -45,15 +46,21 @@ _GROWTH_FRACTION = 512
 _GROWTH_MIN_BLOCKS = 2
 
 
-@functools.lru_cache(maxsize=32)  # bounded: servers that draw a seed per request must not grow it for ever
-def _quantizer(dim: int, bits: int, qjl: bool, rotation: str, seed: int, norm_correction: bool) -> TurboQuantizer:
-    """One shared quantizer (codebook + rotation state) per configuration, for every layer that uses it."""
-    return TurboQuantizer(dim, bits, qjl=qjl, rotation=rotation, seed=seed, norm_correction=norm_correction)
-
-
 def _grown_capacity(capacity: int, needed: int) -> int:
     grown = max(needed, capacity + max(capacity // _GROWTH_FRACTION, _GROWTH_MIN_BLOCKS * _GROWTH_BLOCK))
     return -(-grown // _GROWTH_BLOCK) * _GROWTH_BLOCK
+
+
+def _check_new_states(key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """ValueError unless both are (batch, kv_heads, tokens, head_dim) float tensors with head_dim a multiple of 8."""
+    for name, states in (("key_states", key_states), ("value_states", value_states)):
+        if not isinstance(states, torch.Tensor) or states.dim() != 4 or states.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a (batch, kv_heads, tokens, head_dim) float tensor, got "
+                             f"{getattr(states, 'dtype', type(states).__name__)} of shape "
+                             f"{tuple(getattr(states, 'shape', ()))}")
+        if states.shape[-1] % 8 != 0:
+            raise ValueError(f"TurboQuantCache needs {name} head_dim to be a multiple of 8 (exact bit packing), "
+                             f"got {states.shape[-1]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,22 +138,17 @@ class TurboQuantLayer(DynamicLayer):
         return None if self.storage is None else self.storage.value_quantizer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        for name, states in (("key_states", key_states), ("value_states", value_states)):
-            if not isinstance(states, torch.Tensor) or states.dim() != 4 or states.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{name} must be a (batch, kv_heads, tokens, head_dim) float tensor, got "
-                                 f"{getattr(states, 'dtype', type(states).__name__)} of shape "
-                                 f"{tuple(getattr(states, 'shape', ()))}")
-            if states.shape[-1] % 8 != 0:
-                raise ValueError(f"TurboQuantCache needs {name} head_dim to be a multiple of 8 (exact bit packing), "
-                                 f"got {states.shape[-1]}")
-        s = self.settings
-        key_quantizer = _quantizer(key_states.shape[-1], s.key_bits, s.qjl, s.rotation, s.seed,
-                                   s.norm_correction and not s.qjl)
-        value_quantizer = _quantizer(value_states.shape[-1], s.value_bits, False, s.rotation, s.seed,
-                                     s.norm_correction)
-        self.storage = PackedKV(key_quantizer, value_quantizer, key_states, value_states)
+        _check_new_states(key_states, value_states)
+        self.storage = PackedKV(*self._quantizers(key_states, value_states), key_states, value_states)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
+
+    def _quantizers(self, key_states: torch.Tensor, value_states: torch.Tensor
+                    ) -> tuple[TurboQuantizer, TurboQuantizer]:
+        s = self.settings
+        return (shared_quantizer(key_states.shape[-1], s.key_bits, s.qjl, s.rotation, s.seed,
+                                 s.norm_correction and not s.qjl),
+                shared_quantizer(value_states.shape[-1], s.value_bits, False, s.rotation, s.seed, s.norm_correction))
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         storage = self.storage
@@ -302,6 +304,161 @@ class TurboQuantHybridLayer(LinearAttentionLayer, TurboQuantLayer):
         TurboQuantLayer.crop(self, tokens_to_remove)
 
 
+@dataclasses.dataclass(frozen=True)
+class StaticPast:
+    """What the fused attention reads from a static layout in a compiled step: every slot, the ring and the lengths
+    (int64 [cached tokens, first position the ring holds]), all on the device (``ops.static_decode_attention``)."""
+
+    keys: QuantizedTensor
+    values: QuantizedTensor
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    lengths: torch.Tensor
+    key_spec: str  # ops.quantizer_spec of each quantizer: what the op takes
+    value_spec: str
+
+
+class StaticTurboQuantLayer(TurboQuantLayer):
+    """The static layout of one layer: ``max_cache_len`` packed slots and a ring of ``residual_length + 1`` dense rows,
+    allocated on the first update; every token is encoded into its slot when written and the newest ones also stay
+    exact in the ring. The lengths live in a device tensor, so a compiled decode step has no host sync, no data-
+    dependent branch and no growth, and CUDA graphs can replay it (``is_compileable``).
+
+    Eager calls (the prefill, or decoding without compile) read the lengths on the host once and behave like the
+    dynamic layout: the states returned and the masks asked for have the exact length. Compiled calls use the
+    full ``max_cache_len`` (masks, dense states) or hand the attention a ``StaticPast``.
+    """
+
+    is_compileable = True
+
+    def __init__(self, settings: LayerSettings, max_cache_len: int, max_batch_size: int | None = None):
+        super().__init__(settings=settings)
+        self.max_cache_len, self.max_batch_size = max_cache_len, max_batch_size
+        self.lengths: torch.Tensor | None = None  # int64 [cached tokens, first position the ring holds]
+
+    @property
+    def ring(self) -> int:
+        """Rows of the dense ring: the window and the token being decoded, which a compiled step reads back from the
+        ring (an eager step, like the dynamic layout, attends to the new tokens as given)."""
+        return self.residual_length + 1
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _check_new_states(key_states, value_states)
+        batch = key_states.shape[0]
+        if self.max_batch_size is not None and batch > self.max_batch_size:
+            raise ValueError(f"batch size {batch} exceeds this TurboQuantCache's max_batch_size={self.max_batch_size}")
+        self.storage = PackedKV(*self._quantizers(key_states, value_states), key_states, value_states,
+                                capacity=self.max_cache_len, ring=self.ring)
+        self.lengths = torch.zeros(2, dtype=torch.int64, device=key_states.device)
+        self.specs = quantizer_spec(self.storage.key_quantizer), quantizer_spec(self.storage.value_quantizer)
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over them
+            for tensor in (*self.storage.tensors(), self.lengths):
+                torch._dynamo.mark_static_address(tensor)
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super()._check_states(key_states, value_states)
+        if key_states.device != self.device or key_states.dtype != self.dtype:
+            raise ValueError(f"key_states are {key_states.dtype} on {key_states.device}; this static layer holds "
+                             f"{self.dtype} on {self.device} (its storage is allocated once): use a new cache")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode (B, H, n, D) new states into their slots (and the ring); return what the attention reads (class
+        docstring)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+        attention_kwargs = kwargs.get("kwargs")
+        if not isinstance(attention_kwargs, dict):
+            attention_kwargs = None
+        packed = attention_kwargs is not None and self.serves_packed
+        if attention_kwargs is not None:
+            attention_kwargs["turboquant_layer"] = self
+        if torch.compiler.is_compiling():
+            return self._compiled_update(key_states, value_states, attention_kwargs, packed)
+        return self._eager_update(key_states, value_states, attention_kwargs, packed)
+
+    def _eager_update(self, key_states, value_states, attention_kwargs, packed):
+        storage, n = self.storage, key_states.shape[-2]
+        length, ring_floor = (int(value) for value in self.lengths.tolist())  # eager: one host read per call
+        if length + n > self.max_cache_len:
+            raise ValueError(f"{length} cached + {n} new tokens exceed this TurboQuantCache's max_cache_len="
+                             f"{self.max_cache_len}; nothing was written")
+        window_start = max(length - self.residual_length, ring_floor, 0)
+        past = storage.past(window_start)
+        window_keys, window_values = storage.ordered_ring(window_start, length)
+        empty = storage.past(0)
+        returned = (dense_states(past[0] if not packed else empty[0], storage.key_quantizer, window_keys, key_states),
+                    dense_states(past[1] if not packed else empty[1], storage.value_quantizer, window_values,
+                                 value_states))
+        if attention_kwargs is not None:
+            attention_kwargs["turboquant_past"] = (
+                CompressedPast(*past, storage.key_quantizer, storage.value_quantizer) if packed else None)
+        storage.write(key_states, value_states, length)
+        storage.write_ring(key_states, value_states, torch.arange(length, length + n, device=self.device))
+        self.lengths[0] = length + n
+        return returned
+
+    def _compiled_update(self, key_states, value_states, attention_kwargs, packed):
+        storage, n = self.storage, key_states.shape[-2]
+        positions = self.lengths[0] + torch.arange(n, device=self.device)
+        storage.write_at(key_states, value_states, positions)
+        self.lengths[0] += n
+        if packed:
+            attention_kwargs["turboquant_past"] = StaticPast(storage.keys, storage.values, storage.window_keys,
+                                                             storage.window_values, self.lengths, *self.specs)
+            return key_states, value_states
+        if attention_kwargs is not None:
+            attention_kwargs["turboquant_past"] = None
+        keys, values = static_dense(storage.keys, storage.values, storage.key_quantizer, storage.value_quantizer,
+                                    storage.window_keys, storage.window_values, self.lengths, self.dtype)
+        return keys, values
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        if not self.is_initialized:
+            return 0
+        return self.lengths[0] if torch.compiler.is_compiling() else int(self.lengths[0])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if torch.compiler.is_compiling():
+            return self.max_cache_len, 0
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Lengths to zero, the reader forgotten; the storage stays allocated (same addresses, no reallocation)."""
+        if self.is_initialized:
+            self.lengths.zero_()
+        self._reader_config = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Like ``TurboQuantLayer.crop``; the ring keeps what it still holds (its rows of later tokens are dropped)."""
+        tokens_to_remove = integer("tokens_to_remove", tokens_to_remove)
+        if not self.is_initialized:
+            return
+        length = int(self.lengths[0])
+        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        keep = min(max(keep, 0), length)
+        if keep < length:
+            # The ring held tokens length - ring .. length - 1; those below keep are still there.
+            self.lengths[1] = max(int(self.lengths[1]), length - self.ring)
+            self.lengths[0] = keep
+
+    def _map_batch(self, fn) -> None:
+        if self.is_initialized:
+            self.storage.map_batch(fn, in_place=True)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("the static TurboQuantCache layout has a fixed batch size: build it for the expanded batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise ValueError("the static TurboQuantCache layout has a fixed batch size: it cannot drop batch rows")
+
+
 _ENCODER_DECODER = (
     "TurboQuantCache holds one decoder stack's self-attention; for an encoder-decoder model wrap it: "
     "EncoderDecoderCache(TurboQuantCache(...), DynamicCache()) (the cross-attention K/V stay dense)"
@@ -328,12 +485,17 @@ class TurboQuantCache(Cache):
             transformers builds them. Without it every layer is a compressed full-attention layer (outputs stay
             right: the model's masks apply the windows; only the memory for sliding layers is larger).
         offloading: transformers' layer offloading to CPU between uses.
+        max_cache_len, max_batch_size: the static layout (``StaticTurboQuantLayer``): slots for ``max_cache_len``
+            tokens allocated per layer on its first update, at most ``max_batch_size`` sequences (None: any batch);
+            ``torch.compile`` and CUDA graphs capture its decode steps, and ``generate`` compiles them by itself on
+            CUDA, as for transformers' ``StaticCache``. No QJL.
     """
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
                  qjl: bool = False, residual_length: int = 128, rotation: str = "hadamard", seed: int = 0,
                  norm_correction: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
-                 model_config: PretrainedConfig | None = None, offloading: bool = False):
+                 model_config: PretrainedConfig | None = None, offloading: bool = False,
+                 max_cache_len: int | None = None, max_batch_size: int | None = None):
         settings = dict(bits=bits, key_bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
                         rotation=rotation, seed=seed, norm_correction=norm_correction)
         if isinstance(config, PretrainedConfig):
@@ -355,6 +517,19 @@ class TurboQuantCache(Cache):
             raise TypeError(f"offloading must be a bool, got {offloading!r}")
         if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
             raise ValueError(f"model_config is an encoder-decoder ({model_config.model_type}): {_ENCODER_DECODER}")
+        if max_cache_len is not None:
+            max_cache_len = integer("max_cache_len", max_cache_len)
+            if max_cache_len < 1:
+                raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len}")
+            if config.qjl or any(settings.get("qjl") for settings in config.layer_overrides.values()):
+                raise ValueError("the static layout (max_cache_len=) does not support qjl=True")
+        if max_batch_size is not None:
+            if max_cache_len is None:
+                raise ValueError("max_batch_size goes with max_cache_len (the static layout)")
+            max_batch_size = integer("max_batch_size", max_batch_size)
+            if max_batch_size < 1:
+                raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size}")
+        self.max_cache_len, self.max_batch_size = max_cache_len, max_batch_size
         self.config = config
         if model_config is None:  # layers are made as the model first reaches them, in order
             super().__init__(layer_class_to_replicate=self._next_layer, offloading=offloading)
@@ -366,15 +541,21 @@ class TurboQuantCache(Cache):
         layers = []
         for index, layer in enumerate(DynamicCache(config=model_config).layers):
             if type(layer) is DynamicLayer and index not in cross_attention_layers:
-                layer = TurboQuantLayer(settings=config.for_layer(index))
+                layer = self._layer(index)
             elif type(layer) is LinearAttentionAndFullAttentionLayer:
                 layer = TurboQuantHybridLayer(config.for_layer(index), number_of_states=layer.number_of_states)
             layers.append(layer)
         super().__init__(layers=layers, offloading=offloading)
 
+    def _layer(self, index: int) -> TurboQuantLayer:
+        settings = self.config.for_layer(index)
+        if self.max_cache_len is None:
+            return TurboQuantLayer(settings=settings)
+        return StaticTurboQuantLayer(settings, self.max_cache_len, self.max_batch_size)
+
     def _next_layer(self) -> TurboQuantLayer:
         """The layer the model reaches next (a method, not a closure: the cache stays picklable)."""
-        return TurboQuantLayer(settings=self.config.for_layer(len(self.layers)))
+        return self._layer(len(self.layers))
 
     # Built without model_config, the cache has attention layers only: a linear-attention / SSM model asks it for
     # conv or recurrent states and would fail inside transformers with an IndexError.
@@ -405,6 +586,11 @@ class TurboQuantCache(Cache):
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
         self._refuse_linear_state_without_config(layer_idx)
         return super().update_recurrent_state(recurrent_states, layer_idx, *args, **kwargs)
+
+    @property
+    def is_compileable(self) -> bool:
+        """The static layout is (also before its layers exist, which ``generate`` asks first); the dynamic one not."""
+        return self.max_cache_len is not None and all(layer.is_compileable for layer in self.layers)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes the cache holds vs what DynamicCache would hold for the same tokens.

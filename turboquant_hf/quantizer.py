@@ -22,6 +22,7 @@ s = ||x||).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -214,6 +215,11 @@ class TurboQuantizer:
         return found
 
     @property
+    def spec(self) -> tuple[int, int, bool, str, int, bool]:
+        """(dim, bits, qjl, rotation, seed, norm_correction): the arguments that rebuild it (``shared_quantizer``)."""
+        return self.dim, self.bits, self.qjl, self.rotation.requested, self.seed, self.norm_correction
+
+    @property
     def bytes_per_vector(self) -> int:
         """Bytes of one compressed vector: packed indices + fp32 norm (+ signs + fp32 residual norm)."""
         size = packed_size(self.dim, self.mse_bits) + 4
@@ -319,3 +325,10 @@ class TurboQuantizer:
         query_rotated = self.state(query.device).rotation.rotate(query.float())
         keys_rotated = self.rotated_reconstruction(q) * q.norms.unsqueeze(-1)
         return query_rotated @ keys_rotated.transpose(-1, -2)
+
+
+@functools.lru_cache(maxsize=32)  # bounded: servers that draw a seed per request must not grow it for ever
+def shared_quantizer(dim: int, bits: int, qjl: bool, rotation: str, seed: int, norm_correction: bool) -> TurboQuantizer:
+    """One shared quantizer (codebook + rotation state) per configuration (``TurboQuantizer.spec``), for every layer
+    and every op that names it."""
+    return TurboQuantizer(dim, bits, qjl=qjl, rotation=rotation, seed=seed, norm_correction=norm_correction)

@@ -16,15 +16,16 @@ from .quantizer import QuantizedTensor, TurboQuantizer
 
 
 def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int, dtype: torch.dtype,
-                device: torch.device) -> QuantizedTensor:
-    """Uninitialized storage for (batch, heads, capacity) vectors of ``quantizer`` (``dtype``: what they decode to)."""
+                device: torch.device, fill=torch.empty) -> QuantizedTensor:
+    """Storage for (batch, heads, capacity) vectors of ``quantizer`` (``dtype``: what they decode to); ``fill``:
+    torch.empty (uninitialized) or torch.zeros (slots decode to zeros before they are written)."""
     lead = (batch, heads, capacity)
     qjl = quantizer.qjl
     return QuantizedTensor(
-        packed_indices=torch.empty(*lead, quantizer.dim * quantizer.mse_bits // 8, dtype=torch.uint8, device=device),
-        norms=torch.empty(lead, dtype=torch.float32, device=device),
-        qjl_signs=torch.empty(*lead, quantizer.dim // 8, dtype=torch.uint8, device=device) if qjl else None,
-        residual_norms=torch.empty(lead, dtype=torch.float32, device=device) if qjl else None,
+        packed_indices=fill(*lead, quantizer.dim * quantizer.mse_bits // 8, dtype=torch.uint8, device=device),
+        norms=fill(lead, dtype=torch.float32, device=device),
+        qjl_signs=fill(*lead, quantizer.dim // 8, dtype=torch.uint8, device=device) if qjl else None,
+        residual_norms=fill(lead, dtype=torch.float32, device=device) if qjl else None,
         dim=quantizer.dim, mse_bits=quantizer.mse_bits, dtype=dtype,
     )
 
@@ -49,21 +50,31 @@ def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch
 class PackedKV:
     """Packed keys/values of one layer and its dense window.
 
-    keys, values: QuantizedTensor storage with leading shape (B, H, capacity); slots [0, length) hold the oldest
-    ``length`` tokens. window_keys, window_values: (B, H, r, D) in the model dtype, the next r tokens in full
-    precision. Every tensor is detached (a cache built under autograd can still be pickled and continued).
+    keys, values: QuantizedTensor storage with leading shape (B, H, capacity).
+    window_keys, window_values: (B, H, r, D) in the model dtype, tokens in full precision.
+
+    Two policies use it. Dynamic (``TurboQuantLayer``): slots [0, length) hold the oldest ``length`` tokens, the
+    window the next r tokens; ``push_window`` / ``flush`` / ``reserve`` move tokens along. Static
+    (``StaticTurboQuantLayer``, ``ring`` given): every slot is allocated and zeroed up front, every token is encoded
+    into its slot when written (``write_at``), and the window is a ring of ``ring`` rows (token p at row p % ring)
+    holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
+    and continued).
     """
 
     def __init__(self, key_quantizer: TurboQuantizer, value_quantizer: TurboQuantizer, key_states: torch.Tensor,
-                 value_states: torch.Tensor, capacity: int = 0):
+                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None):
         batch, heads = key_states.shape[:2]
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = empty_slots(key_quantizer, batch, heads, capacity, self.dtype, self.device)
-        self.values = empty_slots(value_quantizer, batch, heads, capacity, self.dtype, self.device)
-        self.window_keys = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
-        self.window_values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
+        fill = torch.empty if ring is None else torch.zeros
+        self.keys = empty_slots(key_quantizer, batch, heads, capacity, self.dtype, self.device, fill)
+        self.values = empty_slots(value_quantizer, batch, heads, capacity, self.dtype, self.device, fill)
+        self.window_keys = key_states.new_zeros((batch, heads, ring or 0, key_states.shape[-1]))
+        self.window_values = value_states.new_zeros((batch, heads, ring or 0, value_states.shape[-1]))
         self.length = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values]
 
     # ------------------------------------------------------------------------------------------- sizes
     @property
@@ -76,8 +87,7 @@ class PackedKV:
 
     def nbytes(self) -> int:
         """Bytes of every tensor held: slots (spare capacity included) and the window."""
-        tensors = [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     # ----------------------------------------------------------------------------------- read and write
     def past(self, length: int | None = None) -> tuple[QuantizedTensor, QuantizedTensor]:
@@ -102,6 +112,32 @@ class PackedKV:
 
         encode_into(key_states.detach(), self.key_quantizer, self.keys, start)
         encode_into(value_states.detach(), self.value_quantizer, self.values, start)
+
+    def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Static policy: encode (B, H, n, D) states into slots ``positions`` ((n,) int64 on the device) and copy the
+        newest min(n, ring) of them into their ring rows. Plain torch ops on device tensors: no host sync, traceable
+        by the compiler (the quantizer's torch path; for long prompts ``write`` with the kernels is faster)."""
+        for quantizer, slots, states in ((self.key_quantizer, self.keys, key_states),
+                                         (self.value_quantizer, self.values, value_states)):
+            encoded = quantizer.quantize(states.detach(), check_finite=False)
+            slots.packed_indices.index_copy_(2, positions, encoded.packed_indices)
+            slots.norms.index_copy_(2, positions, encoded.norms)
+        self.write_ring(key_states, value_states, positions)
+
+    def write_ring(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy the newest min(n, ring) of the (B, H, n, D) states (at ``positions``) into their ring rows."""
+        ring = self.window_keys.shape[2]
+        if ring == 0:
+            return
+        newest = min(key_states.shape[2], ring)
+        rows = positions[-newest:] % ring
+        self.window_keys.index_copy_(2, rows, key_states.detach()[:, :, -newest:].to(self.dtype))
+        self.window_values.index_copy_(2, rows, value_states.detach()[:, :, -newest:].to(self.dtype))
+
+    def ordered_ring(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static policy, eager: the ring's tokens start .. stop - 1 (all held by the ring) in order, (B, H, n, D)."""
+        rows = torch.arange(start, stop, device=self.device) % max(self.window_keys.shape[2], 1)
+        return self.window_keys[:, :, rows], self.window_values[:, :, rows]
 
     def push_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append (B, H, n, D) states to the dense window."""
@@ -135,7 +171,12 @@ class PackedKV:
             self.window_keys = self.window_keys[:, :, :keep]
             self.window_values = self.window_values[:, :, :keep]
 
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``fn`` (an indexing or repeat along dim 0) to every tensor: beam reorder, batch select/repeat."""
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor], *, in_place: bool = False) -> None:
+        """Apply ``fn`` (an indexing or repeat along dim 0) to every tensor: beam reorder, batch select/repeat.
+        ``in_place``: copy the result into the tensors themselves (the static layout keeps its addresses)."""
+        if in_place:
+            for tensor in self.tensors():
+                tensor.copy_(fn(tensor))
+            return
         self.keys, self.values = self.keys._map(fn), self.values._map(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)

@@ -144,7 +144,7 @@ def _rotate_query_kernel(
 
 # Lengths change every decode step: specializing on them (Triton's default for ints) would recompile mid-generation.
 @triton.jit(do_not_specialize=["stride_mb", "stride_mh", "stride_mm", "compressed_len", "residual_len", "num_splits",
-                               "split_len"])
+                               "split_len", "ring"])
 def _split_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     q_rot_ptr,
@@ -158,11 +158,11 @@ def _split_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
     part_out_ptr, part_max_ptr, part_sum_ptr,
     kv_heads, group, n_queries, compressed_len, residual_len, num_splits, split_len, padded_rows,
-    scale, softcap,
+    scale, softcap, length_ptr, ring,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    RESIDUAL_BLOCK_N: tl.constexpr,
+    RESIDUAL_BLOCK_N: tl.constexpr, DEVICE_LENGTH: tl.constexpr,
 ):
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
 
@@ -175,7 +175,16 @@ def _split_kernel(
     Splits < num_splits cover compressed tokens [split * split_len, ...) in the rotated domain (partial
     output in the value rotation's basis); split == num_splits covers the dense residual window (model
     basis). Partials: (batch * kv_heads, num_splits + 1, padded_rows, HEAD_DIM) fp32.
+
+    DEVICE_LENGTH (the static layout, captured in CUDA graphs): the lengths are not arguments but read from
+    length_ptr (int64 [L, F]: L cached tokens including the new ones, F the first position the ring still holds):
+    tokens from max(L - ring, F, 0) on are the dense window, stored in a ring (token p at row p % ring of rk/rv), the
+    rest are read packed; splits past them are empty.
     """
+    if DEVICE_LENGTH:
+        total = tl.load(length_ptr).to(tl.int32)
+        compressed_len = tl.maximum(tl.maximum(total - ring, tl.load(length_ptr + 1).to(tl.int32)), 0)
+        residual_len = total - compressed_len
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // kv_heads).to(tl.int64)
@@ -264,7 +273,10 @@ def _split_kernel(
             for n0 in range(0, residual_len, RESIDUAL_BLOCK_N):
                 offsets = n0 + tl.arange(0, RESIDUAL_BLOCK_N)
                 kv_valid = offsets < residual_len
-                offsets64 = offsets.to(tl.int64)
+                if DEVICE_LENGTH:  # ring rows
+                    offsets64 = ((compressed_len + offsets) % ring).to(tl.int64)
+                else:
+                    offsets64 = offsets.to(tl.int64)
                 keys = tl.load(rk_rows + offsets64[:, None] * stride_rkn + dims[None, :] * stride_rkd,
                                mask=kv_valid[:, None], other=0.0)
                 scores = _dot3(q, tl.trans(keys.to(tl.float32)), tl.zeros((BLOCK_R, RESIDUAL_BLOCK_N), tl.float32))
@@ -329,7 +341,8 @@ def _merge_kernel(
                  mask=row_valid[:, None])
 
 
-def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask):
+def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
+           length=None):
     if query.dim() != 4:
         raise ValueError(f"query must be (batch, q_heads, M, head_dim), got shape {tuple(query.shape)}")
     key_quantizer._check_quantized(keys)
@@ -350,7 +363,11 @@ def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, r
             raise ValueError(f"residual_keys/values must be (batch, kv_heads, R, head_dim) = {expected}, got "
                              f"{tuple(residual_keys.shape)} and {tuple(residual_values.shape)}")
     kv_len = keys.norms.shape[2] + (0 if residual_keys is None else residual_keys.shape[2])
-    if kv_len < n_queries:
+    if length is not None:  # static layout: slots cover every position, the ring only repeats the newest ones
+        kv_len = keys.norms.shape[2]
+        if not isinstance(length, torch.Tensor) or tuple(length.shape) != (2,) or length.dtype != torch.int64:
+            raise ValueError(f"length must be an int64 tensor [cached tokens, first ring position], got {length!r}")
+    elif kv_len < n_queries:
         raise ValueError(f"the kv length ({kv_len}) must include the M={n_queries} query tokens")
     if attention_mask is not None:
         if attention_mask.dim() != 4 or attention_mask.shape[-1] < kv_len or attention_mask.shape[-2] != n_queries:
@@ -378,6 +395,7 @@ def decode_attention_torch(
     scale: float,
     softcap: float | None = None,
     attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of M new query tokens over compressed + dense keys/values (torch reference).
 
@@ -389,8 +407,20 @@ def decode_attention_torch(
     softcap * tanh(scores / softcap) before masking. attention_mask: (batch, 1, M, >= L) bool (True =
     attend) or additive float, on top of the causal mask. A row with no attended key gives zeros.
     Returns (batch, q_heads, M, head_dim) in query.dtype; math in fp32.
+
+    length (the static layout, read on the device; no host sync): int64 [L, F]. keys/values are then every slot of
+    the layout (leading shape (batch, kv_heads, N), the first L valid), residual_keys/values its ring of W rows
+    (token p at row p % W) whose tokens from max(L - W, F) on are exact and replace their packed copies (F: the
+    first position the ring still holds after a crop); the queries sit at positions L - M .. L - 1, and
+    attention_mask, if any, is (batch, 1, M, >= N).
     """
-    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
+    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
+           length)
+    if length is not None:
+        dense_keys, dense_values = static_dense(keys, values, key_quantizer, value_quantizer, residual_keys,
+                                                residual_values, length, torch.float32)
+        return attention_fp32(query, dense_keys, dense_values, scale=scale, softcap=softcap, causal=False,
+                              attention_mask=static_mask(attention_mask, length, query.shape[2], keys.norms.shape[2]))
     dense_keys = key_quantizer.dequantize(keys, torch.float32)
     dense_values = value_quantizer.dequantize(values, torch.float32)
     if residual_keys is not None:
@@ -398,6 +428,33 @@ def decode_attention_torch(
         dense_values = torch.cat([dense_values, residual_values.float()], dim=2)
     return attention_fp32(query, dense_keys, dense_values, scale=scale, softcap=softcap,
                           attention_mask=attention_mask, causal=True)
+
+
+def static_dense(keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
+                 value_quantizer: TurboQuantizer, ring_keys: torch.Tensor | None, ring_values: torch.Tensor | None,
+                 length: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot of the static layout dequantized, (B, H, N, D) in ``dtype``, with the ring's exact copies of the
+    newest tokens at their positions (see ``decode_attention_torch``'s ``length``). Traceable: no host sync."""
+    dense = [key_quantizer.dequantize(keys, dtype), value_quantizer.dequantize(values, dtype)]
+    if ring_keys is not None and ring_keys.shape[2]:
+        ring = ring_keys.shape[2]
+        positions = torch.arange(keys.norms.shape[2], device=length.device)
+        in_window = ((positions >= torch.maximum(length[0] - ring, length[1])) & (positions < length[0]))[:, None]
+        for index, window in enumerate((ring_keys, ring_values)):
+            dense[index] = torch.where(in_window, window.to(dtype)[:, :, positions % ring], dense[index])
+    return dense[0], dense[1]
+
+
+def static_mask(attention_mask: torch.Tensor | None, length: torch.Tensor, n_queries: int, slots: int) -> torch.Tensor:
+    """The causal pattern of the static layout ((1, 1, M, N) bool: query i at position L - M + i sees positions <= it,
+    so never an empty slot) combined with ``attention_mask`` ((B, 1, M, >= N) bool or additive float)."""
+    positions = torch.arange(slots, device=length.device)
+    query_positions = length[0] - n_queries + torch.arange(n_queries, device=length.device)
+    allowed = (positions[None, :] <= query_positions[:, None])[None, None]
+    if attention_mask is None:
+        return allowed
+    mask = attention_mask[..., :slots]
+    return mask & allowed if mask.dtype == torch.bool else mask.float().masked_fill(~allowed, float("-inf"))
 
 
 def attention_fp32(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, scale: float,
@@ -481,14 +538,17 @@ def decode_attention_triton(
     scale: float,
     softcap: float | None = None,
     attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence).
+    """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence; with ``length``, the
+    splits cover every slot and those past the valid tokens do nothing: one launch shape for a whole generation).
 
     ValueError for QJL keys or values and head dims that are not a power of two >= 16 (``decode_attention`` sends
     them to the torch twin).
     """
     check_supported("decode attention", key_quantizer, value_quantizer)
-    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask)
+    _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
+           length)
     batch, q_heads, n_queries, dim = query.shape
     device = query.device
     kv_heads, compressed_len = keys.norms.shape[1], keys.norms.shape[2]
@@ -513,7 +573,8 @@ def decode_attention_triton(
     if attention_mask is None:
         mask_kind, mask, mask_strides = _MASK_NONE, query, (0, 0, 0, 0)
     else:
-        mask = _prepare_mask(attention_mask, batch, q_heads, n_queries, compressed_len + residual_len)
+        mask = _prepare_mask(attention_mask, batch, q_heads, n_queries,
+                             compressed_len + (residual_len if length is None else 0))
         mask_kind = _MASK_BOOL if mask.dtype == torch.uint8 else _MASK_ADDITIVE
         mask_strides = mask.stride()
     if residual_keys is None:
@@ -544,11 +605,12 @@ def decode_attention_triton(
         part_out, part_max, part_sum,
         kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
         float(scale), float(softcap) if softcap is not None else 1.0,
+        query if length is None else length, 0 if length is None else residual_len,
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n, RESIDUAL_BLOCK_N=config["RESIDUAL_BLOCK_N"],
         K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
         K_PHASES=key_phases, V_PHASES=value_phases,
         HAS_RESIDUAL=residual_len > 0,
-        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None,
+        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, DEVICE_LENGTH=length is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     _merge_kernel[(batch * kv_heads, row_blocks)](
@@ -573,9 +635,10 @@ def decode_attention(
     scale: float,
     softcap: float | None = None,
     attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a compressed cache with the backend for query.device (see decode_attention_torch)."""
     fused = use_triton(query.device, "decode attention", key_quantizer, value_quantizer)
     run = decode_attention_triton if fused else decode_attention_torch
     return run(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
-               scale=scale, softcap=softcap, attention_mask=attention_mask)
+               scale=scale, softcap=softcap, attention_mask=attention_mask, length=length)

@@ -1,0 +1,55 @@
+"""Torch custom ops: what ``torch.compile`` sees of the static layout's decode step.
+
+``turboquant::static_decode_attention`` is the fused decode attention over a static layout (``decode_attention``
+with ``length``): opaque to the compiler, with a fake implementation for tracing, so that
+``torch.compile(model.forward, fullgraph=True)`` captures the whole step and CUDA graphs replay its kernel
+launches. It takes tensors and plain values only; each quantizer travels as its ``spec`` (a JSON list) and is
+rebuilt by ``shared_quantizer`` (cached). Encoding the new token needs no op: ``TurboQuantizer.quantize`` is plain
+torch code that the compiler traces and fuses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .kernels import decode_attention
+from .quantizer import QuantizedTensor, TurboQuantizer, shared_quantizer
+
+
+def quantizer_spec(quantizer: TurboQuantizer) -> str:
+    """``quantizer.spec`` as the string the op takes."""
+    return json.dumps(quantizer.spec)
+
+
+def _slots(packed: torch.Tensor, scales: torch.Tensor, quantizer: TurboQuantizer, dtype: torch.dtype
+           ) -> QuantizedTensor:
+    return QuantizedTensor(packed, scales, None, None, quantizer.dim, quantizer.mse_bits, dtype)
+
+
+@torch.library.custom_op("turboquant::static_decode_attention", mutates_args=())
+def static_decode_attention(
+    query: torch.Tensor, key_packed: torch.Tensor, key_scales: torch.Tensor, value_packed: torch.Tensor,
+    value_scales: torch.Tensor, window_keys: torch.Tensor, window_values: torch.Tensor, length: torch.Tensor,
+    attention_mask: torch.Tensor | None, key_spec: str, value_spec: str, scale: float, softcap: float,
+) -> torch.Tensor:
+    """query (B, Hq, M, D) over a static layout: packed slots (B, H, N, D * bits / 8) uint8 with scales (B, H, N)
+    fp32, the ring window (B, H, W, D) (W may be 0), length: int64 [cached tokens (the M new ones included), first
+    position the ring holds].
+    softcap 0 means none. Returns (B, Hq, M, D) in query.dtype (``kernels.decode_attention`` with ``length``)."""
+    key_quantizer = shared_quantizer(*json.loads(key_spec))
+    value_quantizer = shared_quantizer(*json.loads(value_spec))
+    window = window_keys.shape[2] > 0
+    return decode_attention(
+        query, _slots(key_packed, key_scales, key_quantizer, window_keys.dtype),
+        _slots(value_packed, value_scales, value_quantizer, window_values.dtype), key_quantizer, value_quantizer,
+        window_keys if window else None, window_values if window else None, scale=scale,
+        softcap=softcap or None, attention_mask=attention_mask, length=length,
+    )
+
+
+@static_decode_attention.register_fake
+def _(query, key_packed, key_scales, value_packed, value_scales, window_keys, window_values, length, attention_mask,
+      key_spec, value_spec, scale, softcap):
+    return torch.empty_like(query)
