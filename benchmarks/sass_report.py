@@ -37,7 +37,7 @@ PTXAS = get_ptxas(90).path  # the ptxas this Triton itself uses for sm_90
 UNIT_STRIDES = ("stride_qd", "stride_kpbyte", "stride_vpbyte", "stride_knn", "stride_vnn", "stride_rkd", "stride_rvd",
                 "stride_mn")
 POINTERS = {"query_ptr": "*bf16", "q_rot_ptr": "*fp32", "k_packed_ptr": "*u8", "v_packed_ptr": "*u8",
-            "k_norms_ptr": "*fp32", "v_norms_ptr": "*fp32", "rk_ptr": "*bf16", "rv_ptr": "*bf16", "mask_ptr": "*bf16",
+            "k_scales_ptr": "*fp32", "v_scales_ptr": "*fp32", "rk_ptr": "*bf16", "rv_ptr": "*bf16", "mask_ptr": "*bf16",
             "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 

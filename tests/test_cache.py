@@ -73,7 +73,7 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     torch.testing.assert_close(layer.storage.window_keys, all_keys[:, :, 12 - in_window:])
     stored = key_quantizer.quantize(all_keys[:, :, : 12 - in_window])
     assert torch.equal(layer.storage.past()[0].packed_indices, stored.packed_indices)
-    assert torch.equal(layer.storage.past()[0].norms, stored.norms)
+    assert torch.equal(layer.storage.past()[0].scales, stored.scales)
 
 
 def test_storage_grows_in_blocks_and_keeps_old_tokens():
@@ -82,7 +82,7 @@ def test_storage_grows_in_blocks_and_keeps_old_tokens():
     for start in range(0, 300, 50):
         layer.update(keys[:, :, start:start + 50], values[:, :, start:start + 50])
     assert layer.storage.length == 300
-    capacity = layer.storage.keys.norms.shape[-1]
+    capacity = layer.storage.keys.scales.shape[-1]
     assert capacity % 64 == 0 and 300 <= capacity <= 300 + 2 * 64
     expected = TurboQuantizer(64, 2).quantize(keys)
     assert torch.equal(layer.storage.past()[0].packed_indices, expected.packed_indices)
@@ -96,8 +96,8 @@ def test_storage_spare_capacity_stays_small_at_long_lengths():
     capacities = set()
     for _ in range(256):
         layer.update(keys, values)
-        capacities.add(layer.storage.keys.norms.shape[-1])
-        spare = layer.storage.keys.norms.shape[-1] - layer.storage.length
+        capacities.add(layer.storage.keys.scales.shape[-1])
+        spare = layer.storage.keys.scales.shape[-1] - layer.storage.length
         assert 0 <= spare <= max(layer.storage.length // 512, 2 * 64) + 64
     assert layer.storage.length == 16384 and len(capacities) <= 128  # one reallocation per >= 2 updates
 
@@ -170,9 +170,9 @@ def test_reorder_select_repeat_act_on_compressed_storage():
     assert torch.equal(layer.storage.past()[0].packed_indices, before.storage.past()[0].packed_indices[[2, 0, 0]])
     assert torch.equal(layer.storage.window_keys, before.storage.window_keys[[2, 0, 0]])
     cache.batch_select_indices(torch.tensor([0]))
-    assert layer.storage.window_keys.shape[0] == 1 and layer.storage.past()[0].norms.shape[0] == 1
+    assert layer.storage.window_keys.shape[0] == 1 and layer.storage.past()[0].scales.shape[0] == 1
     cache.batch_repeat_interleave(2)
-    assert torch.equal(layer.storage.past()[0].norms, before.storage.past()[0].norms[[2, 2]])
+    assert torch.equal(layer.storage.past()[0].scales, before.storage.past()[0].scales[[2, 2]])
 
 
 def test_crop_is_exact(llama, prompt):
@@ -198,7 +198,7 @@ def test_crop_across_window_and_storage():
     assert cache.get_seq_length() == 8 and torch.equal(cache.layers[0].storage.window_keys, layer.storage.window_keys[:, :, :2])
     cache.crop(-5)  # the rest of the window and 3 compressed tokens
     assert cache.get_seq_length() == 3 and cache.layers[0].storage.window_length == 0
-    assert torch.equal(cache.layers[0].storage.past()[0].norms, layer.storage.past()[0].norms[:, :, :3])
+    assert torch.equal(cache.layers[0].storage.past()[0].scales, layer.storage.past()[0].scales[:, :, :3])
     cache.crop(2)  # legacy positive value: the length to keep
     assert cache.get_seq_length() == 2
     cache.crop(-100)
@@ -270,7 +270,7 @@ def test_device_map_split_across_cuda_and_cpu(prompt, main_device, expected_devi
     cache = TurboQuantCache(bits=4, residual_length=0)
     got = logits(split, cache)
     for layer, device in zip(cache.layers, expected_devices, strict=True):
-        assert layer.storage.keys.norms.device.type == layer.storage.values.packed_indices.device.type == device
+        assert layer.storage.keys.scales.device.type == layer.storage.values.packed_indices.device.type == device
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     # And generation runs across the split, equal to DynamicCache when the window covers every token.
     ids = prompt.cuda()
@@ -362,7 +362,7 @@ def test_long_context_fp16_large_norms_stay_finite():
     query = torch.randn(1, 1, 1, dim, generator=generator).half()
     dense_keys, dense_values = layer.update(query, query)  # one decode step
     assert torch.isfinite(dense_keys).all() and torch.isfinite(dense_values).all()
-    assert torch.isfinite(layer.storage.past()[0].norms).all()
+    assert torch.isfinite(layer.storage.past()[0].scales).all()
     scale = dim ** -0.5
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), dense_keys.float(), dense_values.float(), scale=scale)

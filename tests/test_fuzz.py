@@ -186,8 +186,8 @@ def test_quantizer_round_trip(lead, dim, bits_qjl, dtype, scale, zero_fraction, 
     quantizer = TurboQuantizer(dim, bits, qjl=qjl, seed=seed % 4)
     x = random_vectors((*lead, dim), dtype, scale, seed, zero_fraction)
     q = quantizer.quantize(x)
-    assert q.shape == x.shape and q.dtype == dtype and q.norms.dtype == torch.float32
-    assert torch.isfinite(q.norms).all()
+    assert q.shape == x.shape and q.dtype == dtype and q.scales.dtype == torch.float32
+    assert torch.isfinite(q.scales).all()
     restored = quantizer.dequantize(q)
     assert restored.shape == x.shape and restored.dtype == dtype
     assert torch.isfinite(restored).all()

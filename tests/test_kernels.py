@@ -244,7 +244,7 @@ def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: tor
     subnormal scales); slots outside [start, start + n) untouched."""
     stop = start + x.shape[2]
     window = slice(start, stop)
-    for name in ("packed_indices", "norms"):
+    for name in ("packed_indices", "scales"):
         got, want = getattr(storage, name), getattr(reference, name)
         assert torch.equal(got[:, :, :start], want[:, :, :start]) and torch.equal(got[:, :, stop:], want[:, :, stop:])
     got = unpack(storage.packed_indices[:, :, window], quantizer.mse_bits, quantizer.dim)
@@ -253,7 +253,7 @@ def _check_encoding(storage: QuantizedTensor, reference: QuantizedTensor, x: tor
     if quantizer.norm_correction:
         centroids = quantizer.state(got.device).centroids.double()
         expected_norms = expected_norms / centroids[got.long()].norm(dim=-1)
-    norms = storage.norms[:, :, window].double()
+    norms = storage.scales[:, :, window].double()
     assert ((norms - expected_norms).abs() <= 1e-6 * expected_norms + 2.0**-148).all()
     mismatch = got != want
     assert mismatch.float().mean().item() < 1e-3
@@ -324,7 +324,7 @@ def test_encode_and_dequantize_extreme_norms_match_torch(dtype, max_abs, bits):
     encode_mod.encode_into_torch(x, quantizer, reference, 2)
     encode_mod.encode_into_triton(x, quantizer, storage, 2)
     _check_encoding(storage, reference, x, quantizer, 2)
-    assert torch.isfinite(storage.norms).all() and (storage.norms[0, 1, 7] == 0)
+    assert torch.isfinite(storage.scales).all() and (storage.scales[0, 1, 7] == 0)
     view = storage[:, :, 2:39]
     out, expected = torch.empty_like(x), torch.empty_like(x)
     dequant_mod.dequantize_into_torch(view, quantizer, expected)
@@ -343,7 +343,7 @@ def test_decode_attention_extreme_key_norms(key_norm_scale):
     fp32 logits. (Value norms, |q|, |q * scale| and the residual window must stay below 65504: module docstring.)"""
     args, kwargs = AttentionCase(1, 2, 2, 64, 120, 2, 4, 4, 5).build()
     keys = args[1]
-    keys.norms.mul_(key_norm_scale)
+    keys.scales.mul_(key_norm_scale)
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)
     reference = _reference_attention(*args, **kwargs)
@@ -378,7 +378,7 @@ def _check_dequantized(out: torch.Tensor, expected: torch.Tensor) -> None:
 def test_dequantize_matches_torch(bits, dim, dtype, rotation):
     quantizer = TurboQuantizer(dim, bits, rotation=rotation, seed=5)
     storage = quantizer.quantize(_randn(2, 2, 40, dim, seed=bits + dim))
-    storage.norms[1, 0, 3] = 0  # a zero vector decodes to exact zeros
+    storage.scales[1, 0, 3] = 0  # a zero vector decodes to exact zeros
     view = storage[:, :, :29]  # strided, like a cache's storage[:, :, :length]
     out = torch.full((2, 2, 40, dim), float("nan"), dtype=dtype, device=DEVICE)[:, :, :29]
     expected = torch.empty_like(out)
@@ -505,6 +505,40 @@ def test_decode_attention_matches_torch_and_float64(case):
     # Against float64: 1e-4 relative (the issue asks 1e-3), plus the output dtype's rounding (up to one ulp:
     # the interpreter truncates fp32 to bf16).
     assert _relative_error(out, reference) <= 1e-4 + 2 * eps
+
+
+STATIC_CASES = [  # (case: slots = compressed, ring rows = residual), L cached tokens, F first ring position
+    (AttentionCase(1, 2, 4, 64, 300, 1, 4, 4, 9), 200, 0),
+    (AttentionCase(2, 1, 2, 128, 80, 1, 3, 2, 9, torch.bfloat16, mask="bool"), 5, 0),  # L below the ring
+    (AttentionCase(1, 2, 2, 64, 120, 3, 2, 4, 6, torch.float16, softcap=20.0), 70, 67),  # after a crop
+    (AttentionCase(2, 2, 4, 64, 64, 1, 4, 3, 0, mask="additive"), 64, 0),  # no ring, every slot used
+]
+
+
+@small
+@pytest.mark.parametrize("case, length, floor", STATIC_CASES, ids=lambda value: str(value))
+def test_static_decode_attention_equals_the_dynamic_call(case, length, floor):
+    """With ``length`` (the static layout's device-side lengths), the kernel and its twin read slots [0, c) packed and
+    tokens c .. L - 1 from the ring rows p % W, c = max(L - W, F): the same as the dynamic call over those slots and
+    those tokens in order."""
+    (query, slots_k, slots_v, key_quantizer, value_quantizer, ring_k, ring_v), kwargs = case.build(seed=length)
+    lengths = torch.tensor([length, floor], dtype=torch.int64, device=DEVICE)
+    ring = 0 if ring_k is None else ring_k.shape[2]
+    start = max(length - ring, floor, 0)
+    rows = torch.arange(start, length, device=DEVICE) % max(ring, 1)
+    window = (None, None) if ring_k is None else (ring_k[:, :, rows], ring_v[:, :, rows])
+    dynamic_kwargs = dict(kwargs)
+    if kwargs["attention_mask"] is not None:
+        dynamic_kwargs["attention_mask"] = kwargs["attention_mask"][..., :length]
+    expected = attention_mod.decode_attention_torch(query, slots_k[:, :, :start], slots_v[:, :, :start],
+                                                    key_quantizer, value_quantizer, *window, **dynamic_kwargs)
+    twin = attention_mod.decode_attention_torch(query, slots_k, slots_v, key_quantizer, value_quantizer, ring_k, ring_v,
+                                                length=lengths, **kwargs)
+    out = attention_mod.decode_attention_triton(query, slots_k, slots_v, key_quantizer, value_quantizer, ring_k, ring_v,
+                                                length=lengths, **kwargs)
+    eps = EPS[case.dtype]
+    assert _relative_error(twin, expected) <= 1e-5 + 2 * eps
+    assert _relative_error(out, expected) <= 1e-5 + 2 * eps
 
 
 @small

@@ -210,7 +210,7 @@ def test_input_dtypes(dtype, generator):
     quantizer = TurboQuantizer(128, 4, seed=0)
     x = unit_vectors(4000, 128, generator).to(dtype)
     q = quantizer.quantize(x)
-    assert q.dtype == dtype and q.norms.dtype == torch.float32
+    assert q.dtype == dtype and q.scales.dtype == torch.float32
     assert all_tensors_equal(q, quantizer.quantize(x.float()))
     restored = quantizer.dequantize(q)
     assert restored.dtype == dtype and restored.shape == x.shape
@@ -243,7 +243,7 @@ def test_huge_norm_vectors(bits, dtype, generator):
     quantizer = TurboQuantizer(128, bits, seed=0)
     x = (torch.randn(4000, 128, generator=generator).clamp(-6, 6) * 1e4).to(dtype)
     q = quantizer.quantize(x)
-    assert torch.isfinite(q.norms).all()
+    assert torch.isfinite(q.scales).all()
     restored = quantizer.dequantize(q)
     assert restored.dtype == dtype and torch.isfinite(restored).all()
     x64 = x.double()
@@ -273,7 +273,7 @@ def test_extreme_norms_round_trip(dtype, max_abs, bits, generator):
     x[[3, 77]] = 0
     x64 = x.double()  # the reference is the input as its dtype holds it
     q = quantizer.quantize(x)
-    assert torch.isfinite(q.norms).all() and q.norms.dtype == torch.float32
+    assert torch.isfinite(q.scales).all() and q.scales.dtype == torch.float32
     restored64 = quantizer.dequantize(q, torch.float64)  # the fp32 reconstruction, before rounding to dtype
     assert torch.equal(restored64[[3, 77]], torch.zeros(2, 64, dtype=torch.float64))
     nonzero = x64.abs().amax(dim=-1) > 0
@@ -297,7 +297,7 @@ def test_norm_beyond_the_fp32_scale_saturates():
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     x[1] = 3e38
     restored = quantizer.dequantize(quantizer.quantize(x))
-    assert torch.isinf(quantizer.quantize(x).norms[1])
+    assert torch.isinf(quantizer.quantize(x).scales[1])
     assert torch.equal(restored[[0, 2]], quantizer.dequantize(quantizer.quantize(x[[0, 2]])))
 
 
@@ -398,7 +398,7 @@ def test_quantized_tensor_cat(quantized, dim):
     joined, whole = QuantizedTensor.cat([quantizer.quantize(p) for p in pieces], dim=dim), quantizer.quantize(x)
     # Indices, signs and scales bit for bit; the QJL residual norm is a float reduction whose vectorization (and so
     # its last bits) depend on the batch shape on some CPUs: within a few float32 ulps.
-    assert all(torch.equal(getattr(joined, name), getattr(whole, name)) for name in ("packed_indices", "norms"))
+    assert all(torch.equal(getattr(joined, name), getattr(whole, name)) for name in ("packed_indices", "scales"))
     assert (joined.qjl_signs is None) == (whole.qjl_signs is None)
     if whole.qjl_signs is not None:
         assert torch.equal(joined.qjl_signs, whole.qjl_signs)

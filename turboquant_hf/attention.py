@@ -83,7 +83,7 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     past = turboquant_past
     if isinstance(past, StaticPast):  # a compiled step of the static layout: one custom op, lengths on the device
         out = static_decode_attention(
-            query, past.keys.packed_indices, past.keys.norms, past.values.packed_indices, past.values.norms,
+            query, past.keys.packed_indices, past.keys.scales, past.values.packed_indices, past.values.scales,
             past.window_keys, past.window_values, past.lengths, attention_mask, past.key_spec, past.value_spec,
             float(scale), float(softcap or 0.0))
         return out.transpose(1, 2).contiguous(), None

@@ -77,7 +77,7 @@ class CompressedPast:
 
     @property
     def length(self) -> int:
-        return self.keys.norms.shape[-1]
+        return self.keys.scales.shape[-1]
 
 
 class TurboQuantLayer(DynamicLayer):
@@ -444,8 +444,9 @@ class StaticTurboQuantLayer(TurboQuantLayer):
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         keep = min(max(keep, 0), length)
         if keep < length:
-            # The ring held tokens length - ring .. length - 1; those below keep are still there.
-            self.lengths[1] = max(int(self.lengths[1]), length - self.ring)
+            # The ring held tokens length - ring .. length - 1: those below keep are still there, and the tokens
+            # written from keep on will be too.
+            self.lengths[1] = min(max(int(self.lengths[1]), length - self.ring), keep)
             self.lengths[0] = keep
 
     def _map_batch(self, fn) -> None:

@@ -4,7 +4,7 @@ For x in R^dim (a row of any (..., dim) tensor), with R the seeded rotation, c t
 
     y    = R x / ||x||                      rotated unit vector, coordinates ~ (1 - t^2)^((dim-3)/2)
     i_j  = #{boundaries < y_j}              nearest centroid (ties go to the lower centroid)
-    s    = ||x|| / ||c[i]||                 the stored scale ("norm"; float32, always: fp16 norms break long
+    s    = ||x|| / ||c[i]||                 the stored scale (float32, always: fp16 norms break long
                                             generation); ||x|| itself with norm_correction=False or QJL
     x~   = s * R^T c[i]                     reconstruction: ||x~|| = ||x|| (norm correction)
 
@@ -76,12 +76,13 @@ class QuantizerState:
 class QuantizedTensor:
     """Compressed (..., dim) vectors. All tensors share the leading shape ``(...)``.
 
-    packed_indices: (..., dim * mse_bits / 8) uint8; norms: (...) float32, the scale s of each vector;
+    packed_indices: (..., dim * mse_bits / 8) uint8; scales: (...) float32, the scale s of each vector (its norm,
+    divided by its centroids' norm with norm correction);
     qjl_signs: (..., dim / 8) uint8 or None; residual_norms: (...) float32 or None.
     """
 
     packed_indices: torch.Tensor
-    norms: torch.Tensor
+    scales: torch.Tensor
     qjl_signs: torch.Tensor | None
     residual_norms: torch.Tensor | None
     dim: int
@@ -89,16 +90,16 @@ class QuantizedTensor:
     dtype: torch.dtype
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed_indices, self.norms, self.qjl_signs, self.residual_norms) if t is not None]
+        return [t for t in (self.packed_indices, self.scales, self.qjl_signs, self.residual_norms) if t is not None]
 
     @property
     def shape(self) -> torch.Size:
         """Shape of the vectors this holds, (..., dim)."""
-        return torch.Size((*self.norms.shape, self.dim))
+        return torch.Size((*self.scales.shape, self.dim))
 
     @property
     def device(self) -> torch.device:
-        return self.norms.device
+        return self.scales.device
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +110,7 @@ class QuantizedTensor:
         return dataclasses.replace(
             self,
             packed_indices=fn(self.packed_indices),
-            norms=fn(self.norms),
+            scales=fn(self.scales),
             qjl_signs=None if self.qjl_signs is None else fn(self.qjl_signs),
             residual_norms=None if self.residual_norms is None else fn(self.residual_norms),
         )
@@ -122,8 +123,8 @@ class QuantizedTensor:
         parts = key if isinstance(key, tuple) else (key,)
         if any(part is Ellipsis or part is None for part in parts):
             raise IndexError("QuantizedTensor indexing takes leading-dim indices only (no Ellipsis/None)")
-        if len(parts) > self.norms.dim():
-            raise IndexError(f"too many indices for QuantizedTensor with leading shape {tuple(self.norms.shape)}")
+        if len(parts) > self.scales.dim():
+            raise IndexError(f"too many indices for QuantizedTensor with leading shape {tuple(self.scales.shape)}")
         return self._map(lambda t: t[key])
 
     @staticmethod
@@ -132,7 +133,7 @@ class QuantizedTensor:
         if not parts:
             raise ValueError("parts must be a non-empty list of QuantizedTensor")
         first = parts[0]
-        leading = first.norms.dim()
+        leading = first.scales.dim()
         axis = dim + leading if dim < 0 else dim
         if not 0 <= axis < leading:
             raise ValueError(f"dim must index a leading dim in [-{leading}, {leading}), got {dim}")
@@ -147,7 +148,7 @@ class QuantizedTensor:
         return dataclasses.replace(
             first,
             packed_indices=join("packed_indices"),
-            norms=join("norms"),
+            scales=join("scales"),
             qjl_signs=join("qjl_signs"),
             residual_norms=join("residual_norms"),
         )
@@ -261,19 +262,19 @@ class TurboQuantizer:
         scaled = x32 / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
         scaled_norms = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
         unit = scaled / torch.where(scaled_norms > 0, scaled_norms, torch.ones_like(scaled_norms))
-        norms = (max_abs * scaled_norms).squeeze(-1)
+        scales = (max_abs * scaled_norms).squeeze(-1)  # ||x||
         rotated = rotation.rotate(unit)
         indices = torch.bucketize(rotated, boundaries)
         packed_indices = pack(indices, self.mse_bits)
         if self.norm_correction:  # ||c[i]|| > 0: the codebooks have no zero centroid
-            norms = norms / torch.linalg.vector_norm(centroids[indices], dim=-1)
+            scales = scales / torch.linalg.vector_norm(centroids[indices], dim=-1)
         qjl_signs = residual_norms = None
         if projection is not None:
             residual = rotated - centroids[indices]
             residual_norms = torch.linalg.vector_norm(residual, dim=-1)
             # float64: a sign must not depend on how BLAS blocks the batch (quantizing parts == quantizing the whole).
             qjl_signs = pack((residual.double() @ projection.double().T >= 0).to(torch.uint8), 1)
-        return QuantizedTensor(packed_indices, norms, qjl_signs, residual_norms, self.dim, self.mse_bits, x.dtype)
+        return QuantizedTensor(packed_indices, scales, qjl_signs, residual_norms, self.dim, self.mse_bits, x.dtype)
 
     def _check_quantized(self, q: QuantizedTensor) -> None:
         if not isinstance(q, QuantizedTensor):
@@ -307,7 +308,7 @@ class TurboQuantizer:
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """QuantizedTensor (...) -> (..., dim) in ``dtype`` (default: the dtype that was quantized)."""
         rotated = self.rotated_reconstruction(q)  # validates q first (TypeError/ValueError)
-        dense = self.state(q.device).rotation.unrotate(rotated) * q.norms.unsqueeze(-1)
+        dense = self.state(q.device).rotation.unrotate(rotated) * q.scales.unsqueeze(-1)
         dtype = dtype or q.dtype
         # A coordinate near the dtype's largest value can decode past it by the quantization error: saturate
         # instead of rounding to inf (NaN stays NaN).
@@ -323,7 +324,7 @@ class TurboQuantizer:
         self._check_input(query, "query")
         self._check_quantized(q)
         query_rotated = self.state(query.device).rotation.rotate(query.float())
-        keys_rotated = self.rotated_reconstruction(q) * q.norms.unsqueeze(-1)
+        keys_rotated = self.rotated_reconstruction(q) * q.scales.unsqueeze(-1)
         return query_rotated @ keys_rotated.transpose(-1, -2)
 
 

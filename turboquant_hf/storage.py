@@ -23,7 +23,7 @@ def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int
     qjl = quantizer.qjl
     return QuantizedTensor(
         packed_indices=fill(*lead, quantizer.dim * quantizer.mse_bits // 8, dtype=torch.uint8, device=device),
-        norms=fill(lead, dtype=torch.float32, device=device),
+        scales=fill(lead, dtype=torch.float32, device=device),
         qjl_signs=fill(*lead, quantizer.dim // 8, dtype=torch.uint8, device=device) if qjl else None,
         residual_norms=fill(lead, dtype=torch.float32, device=device) if qjl else None,
         dim=quantizer.dim, mse_bits=quantizer.mse_bits, dtype=dtype,
@@ -36,7 +36,7 @@ def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch
     from .kernels import dequantize_into
 
     batch, heads, _, dim = parts[-1].shape
-    past_length = past.norms.shape[-1]
+    past_length = past.scales.shape[-1]
     dense = parts[-1].new_empty((batch, heads, past_length + sum(part.shape[-2] for part in parts), dim))
     if past_length:
         dequantize_into(past, quantizer, dense[:, :, :past_length])
@@ -79,7 +79,7 @@ class PackedKV:
     # ------------------------------------------------------------------------------------------- sizes
     @property
     def capacity(self) -> int:
-        return self.keys.norms.shape[-1]
+        return self.keys.scales.shape[-1]
 
     @property
     def window_length(self) -> int:
@@ -99,7 +99,7 @@ class PackedKV:
         """Grow the slots to ``capacity`` (one copy of the valid tokens); no-op when they are already that large."""
         if capacity <= self.capacity:
             return
-        batch, heads = self.keys.norms.shape[:2]
+        batch, heads = self.keys.scales.shape[:2]
         for name, quantizer in (("keys", self.key_quantizer), ("values", self.value_quantizer)):
             grown = empty_slots(quantizer, batch, heads, capacity, self.dtype, self.device)
             for old, new in zip(getattr(self, name).tensors(), grown.tensors()):
@@ -121,7 +121,7 @@ class PackedKV:
                                          (self.value_quantizer, self.values, value_states)):
             encoded = quantizer.quantize(states.detach(), check_finite=False)
             slots.packed_indices.index_copy_(2, positions, encoded.packed_indices)
-            slots.norms.index_copy_(2, positions, encoded.norms)
+            slots.scales.index_copy_(2, positions, encoded.scales)
         self.write_ring(key_states, value_states, positions)
 
     def write_ring(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:

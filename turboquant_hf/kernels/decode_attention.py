@@ -149,9 +149,9 @@ def _split_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     q_rot_ptr,
     k_packed_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpbyte,
-    k_norms_ptr, stride_knb, stride_knh, stride_knn,
+    k_scales_ptr, stride_ksb, stride_ksh, stride_ksn,
     v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
-    v_norms_ptr, stride_vnb, stride_vnh, stride_vnn,
+    v_scales_ptr, stride_vsb, stride_vsh, stride_vsn,
     k_table_ptr, v_table_ptr,
     rk_ptr, stride_rkb, stride_rkh, stride_rkn, stride_rkd,
     rv_ptr, stride_rvb, stride_rvh, stride_rvn, stride_rvd,
@@ -213,8 +213,8 @@ def _split_kernel(
         acc3 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
         k_rows = k_packed_ptr + b * stride_kpb + h * stride_kph
         v_rows = v_packed_ptr + b * stride_vpb + h * stride_vph
-        k_norms = k_norms_ptr + b * stride_knb + h * stride_knh
-        v_norms = v_norms_ptr + b * stride_vnb + h * stride_vnh
+        k_scales = k_scales_ptr + b * stride_ksb + h * stride_ksh
+        v_scales = v_scales_ptr + b * stride_vsb + h * stride_vsh
         # The scaled rotated query, phase by phase, split into fp16 hi + lo once (loop-invariant).
         q_hi0, q_lo0 = split_fp16(tl.load(q_rot_rows[:, None] + k_columns[None, :]))
         q_hi1, q_lo1 = q_hi0, q_lo0
@@ -233,8 +233,8 @@ def _split_kernel(
             pos64 = kv_pos.to(tl.int64)
             k_words = load_packed(k_rows + pos64 * stride_kpn, kv_valid, stride_kpbyte, K_BITS, HEAD_DIM)
             v_words = load_packed(v_rows + pos64 * stride_vpn, kv_valid, stride_vpbyte, V_BITS, HEAD_DIM)
-            key_norms = tl.load(k_norms + pos64 * stride_knn, mask=kv_valid, other=0.0)
-            value_norms = tl.load(v_norms + pos64 * stride_vnn, mask=kv_valid, other=0.0)
+            key_scales = tl.load(k_scales + pos64 * stride_ksn, mask=kv_valid, other=0.0)
+            value_scales = tl.load(v_scales + pos64 * stride_vsn, mask=kv_valid, other=0.0)
             key_entries = _gather(k_words, k_table_ptr, K_BITS, K_PHASES)
             scores = _dot_split(q_hi0, q_lo0, tl.trans(_phase(key_entries, 0, K_PHASES)),
                                 tl.zeros((BLOCK_R, BLOCK_N), tl.float32))
@@ -243,10 +243,10 @@ def _split_kernel(
             if K_PHASES > 2:
                 scores = _dot_split(q_hi2, q_lo2, tl.trans(_phase(key_entries, 2, K_PHASES)), scores)
                 scores = _dot_split(q_hi3, q_lo3, tl.trans(_phase(key_entries, 3, K_PHASES)), scores)
-            logits = _masked_logits(scores * key_norms[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
+            logits = _masked_logits(scores * key_scales[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
                                     stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
             weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
-            w_hi, w_lo = split_fp16(weights * value_norms[None, :])
+            w_hi, w_lo = split_fp16(weights * value_scales[None, :])
             value_entries = _gather(v_words, v_table_ptr, V_BITS, V_PHASES)
             acc0 = _dot_split(w_hi, w_lo, _phase(value_entries, 0, V_PHASES), acc0 * alpha[:, None])
             if V_PHASES > 1:
@@ -348,12 +348,12 @@ def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, r
     key_quantizer._check_quantized(keys)
     value_quantizer._check_quantized(values)
     batch, q_heads, n_queries, dim = query.shape
-    if keys.norms.dim() != 3 or tuple(values.norms.shape) != tuple(keys.norms.shape):
+    if keys.scales.dim() != 3 or tuple(values.scales.shape) != tuple(keys.scales.shape):
         raise ValueError(f"keys and values must share a (batch, kv_heads, n) leading shape, got "
-                         f"{tuple(keys.norms.shape)} and {tuple(values.norms.shape)}")
-    kv_heads = keys.norms.shape[1]
-    if keys.norms.shape[0] != batch or q_heads % kv_heads or key_quantizer.dim != dim or value_quantizer.dim != dim:
-        raise ValueError(f"query {tuple(query.shape)} does not fit keys of leading shape {tuple(keys.norms.shape)} "
+                         f"{tuple(keys.scales.shape)} and {tuple(values.scales.shape)}")
+    kv_heads = keys.scales.shape[1]
+    if keys.scales.shape[0] != batch or q_heads % kv_heads or key_quantizer.dim != dim or value_quantizer.dim != dim:
+        raise ValueError(f"query {tuple(query.shape)} does not fit keys of leading shape {tuple(keys.scales.shape)} "
                          f"with head_dim {key_quantizer.dim} (q_heads must be a multiple of kv_heads)")
     if (residual_keys is None) != (residual_values is None):
         raise ValueError("residual_keys and residual_values must both be tensors or both be None")
@@ -362,9 +362,9 @@ def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, r
         if tuple(residual_keys.shape) != expected or tuple(residual_values.shape) != expected:
             raise ValueError(f"residual_keys/values must be (batch, kv_heads, R, head_dim) = {expected}, got "
                              f"{tuple(residual_keys.shape)} and {tuple(residual_values.shape)}")
-    kv_len = keys.norms.shape[2] + (0 if residual_keys is None else residual_keys.shape[2])
+    kv_len = keys.scales.shape[2] + (0 if residual_keys is None else residual_keys.shape[2])
     if length is not None:  # static layout: slots cover every position, the ring only repeats the newest ones
-        kv_len = keys.norms.shape[2]
+        kv_len = keys.scales.shape[2]
         if not isinstance(length, torch.Tensor) or tuple(length.shape) != (2,) or length.dtype != torch.int64:
             raise ValueError(f"length must be an int64 tensor [cached tokens, first ring position], got {length!r}")
     elif kv_len < n_queries:
@@ -420,7 +420,7 @@ def decode_attention_torch(
         dense_keys, dense_values = static_dense(keys, values, key_quantizer, value_quantizer, residual_keys,
                                                 residual_values, length, torch.float32)
         return attention_fp32(query, dense_keys, dense_values, scale=scale, softcap=softcap, causal=False,
-                              attention_mask=static_mask(attention_mask, length, query.shape[2], keys.norms.shape[2]))
+                              attention_mask=static_mask(attention_mask, length, query.shape[2], keys.scales.shape[2]))
     dense_keys = key_quantizer.dequantize(keys, torch.float32)
     dense_values = value_quantizer.dequantize(values, torch.float32)
     if residual_keys is not None:
@@ -438,7 +438,7 @@ def static_dense(keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: 
     dense = [key_quantizer.dequantize(keys, dtype), value_quantizer.dequantize(values, dtype)]
     if ring_keys is not None and ring_keys.shape[2]:
         ring = ring_keys.shape[2]
-        positions = torch.arange(keys.norms.shape[2], device=length.device)
+        positions = torch.arange(keys.scales.shape[2], device=length.device)
         in_window = ((positions >= torch.maximum(length[0] - ring, length[1])) & (positions < length[0]))[:, None]
         for index, window in enumerate((ring_keys, ring_values)):
             dense[index] = torch.where(in_window, window.to(dtype)[:, :, positions % ring], dense[index])
@@ -551,7 +551,7 @@ def decode_attention_triton(
            length)
     batch, q_heads, n_queries, dim = query.shape
     device = query.device
-    kv_heads, compressed_len = keys.norms.shape[1], keys.norms.shape[2]
+    kv_heads, compressed_len = keys.scales.shape[1], keys.scales.shape[2]
     residual_len = 0 if residual_keys is None else residual_keys.shape[2]
     group = q_heads // kv_heads
     rows = group * n_queries
@@ -595,9 +595,9 @@ def decode_attention_triton(
         query, *query.stride(),
         q_rot,
         keys.packed_indices, *keys.packed_indices.stride(),
-        keys.norms, *keys.norms.stride(),
+        keys.scales, *keys.scales.stride(),
         values.packed_indices, *values.packed_indices.stride(),
-        values.norms, *values.norms.stride(),
+        values.scales, *values.scales.stride(),
         key_operands.table, value_operands.table,
         residual_keys, *rk_strides,
         residual_values, *rv_strides,

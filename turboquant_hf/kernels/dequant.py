@@ -86,7 +86,7 @@ def decode_packed(words, table_ptr, BITS: tl.constexpr):
 @triton.jit(do_not_specialize=["n_tokens"])
 def _dequant_kernel(
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
-    norms_ptr, stride_nb, stride_nh, stride_nn,
+    scales_ptr, stride_sb, stride_sh, stride_sn,
     rot_ptr, table_ptr,
     out_ptr, stride_ob, stride_oh, stride_on, stride_od,
     heads, n_tokens, rot_scale,
@@ -96,9 +96,9 @@ def _dequant_kernel(
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     rows64 = rows.to(tl.int64)
     row_ptrs = packed_ptr + b * stride_pb + h * stride_ph + rows64 * stride_pn
-    norms = tl.load(norms_ptr + b * stride_nb + h * stride_nh + rows64 * stride_nn, mask=row_valid, other=0.0)
+    scales = tl.load(scales_ptr + b * stride_sb + h * stride_sh + rows64 * stride_sn, mask=row_valid, other=0.0)
     codes = decode_packed(load_packed(row_ptrs, row_valid, stride_pbyte, BITS, HEAD_DIM), table_ptr, BITS)
-    scales = norms * rot_scale
+    scales = scales * rot_scale
     out_rows = out_ptr + b * stride_ob + h * stride_oh + rows64 * stride_on
     cols = tl.arange(0, BLOCK_COL)
     # The fp16 centroids are exact: c[idx] @ R costs one fp16 dot per piece of R (one for Hadamard).
@@ -112,8 +112,8 @@ def _dequant_kernel(
 
 def _check(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
     quantizer._check_quantized(q)
-    if q.norms.dim() != 3 or tuple(out.shape) != (*q.norms.shape, quantizer.dim):
-        raise ValueError(f"out must be (batch, heads, n, dim) = {(*q.norms.shape, quantizer.dim)} for q of leading "
+    if q.scales.dim() != 3 or tuple(out.shape) != (*q.scales.shape, quantizer.dim):
+        raise ValueError(f"out must be (batch, heads, n, dim) = {(*q.scales.shape, quantizer.dim)} for q of leading "
                          f"shape (batch, heads, n), got {tuple(out.shape)}")
 
 
@@ -126,7 +126,7 @@ def dequantize_into_torch(q: QuantizedTensor, quantizer: TurboQuantizer, out: to
     _check(q, quantizer, out)
     # In token slices of about _TORCH_SLICE_VECTORS vectors: the reference's int64 indices and fp32 temporaries
     # take ~25x the output's bytes, which would make a long layer's transient past cost gigabytes.
-    batch, heads, n_tokens = q.norms.shape
+    batch, heads, n_tokens = q.scales.shape
     step = max(1, _TORCH_SLICE_VECTORS // max(1, batch * heads))
     for start in range(0, n_tokens, step):
         out[:, :, start:start + step].copy_(quantizer.dequantize(q[:, :, start:start + step], out.dtype))
@@ -140,7 +140,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     """
     check_supported("dequantize", quantizer)
     _check(q, quantizer, out)
-    batch, heads, n_tokens = q.norms.shape
+    batch, heads, n_tokens = q.scales.shape
     if n_tokens == 0:
         return None
     device = out.device
@@ -149,7 +149,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),
-        q.norms, *q.norms.stride(),
+        q.scales, *q.scales.stride(),
         operands.unrotate, operands.table,
         out, *out.stride(),
         heads, n_tokens, operands.unrotate_scale,

@@ -68,7 +68,7 @@ def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
     rot_ptr, boundaries_ptr, centroids_ptr,
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
-    norms_ptr, stride_nb, stride_nh, stride_nn,
+    scales_ptr, stride_sb, stride_sh, stride_sn,
     heads, n_tokens, start, rot_scale,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
     ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr,
@@ -82,7 +82,7 @@ def _encode_kernel(
     max_abs = tl.max(tl.abs(x), axis=1)
     scaled = x / tl.where(max_abs > 0, max_abs, 1.0)[:, None]
     scaled_norms = tl.sqrt(tl.sum(scaled * scaled, axis=1))
-    norms = max_abs * scaled_norms
+    scales = max_abs * scaled_norms  # ||x||
     # |unit| <= 1: safe to split into fp16.
     unit_hi, unit_lo = split_fp16(scaled * (1.0 / tl.where(scaled_norms > 0, scaled_norms, 1.0))[:, None])
 
@@ -111,8 +111,8 @@ def _encode_kernel(
             byte_ptrs = packed_rows[:, None] + (byte0 + tl.arange(0, BLOCK_COL // PER_BYTE))[None, :] * stride_pbyte
             tl.store(byte_ptrs, packed.to(tl.uint8), mask=row_valid[:, None])
     if NORM_CORRECTION:
-        norms = norms / tl.sqrt(centroid_sq)
-    tl.store(norms_ptr + b * stride_nb + h * stride_nh + slot * stride_nn, norms, mask=row_valid)
+        scales = scales / tl.sqrt(centroid_sq)
+    tl.store(scales_ptr + b * stride_sb + h * stride_sh + slot * stride_sn, scales, mask=row_valid)
 
 
 def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
@@ -121,7 +121,7 @@ def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
     if (storage.dim, storage.mse_bits, storage.qjl_signs is not None) != (quantizer.dim, quantizer.mse_bits,
                                                                           quantizer.qjl):
         raise ValueError("storage was not made by a quantizer with this dim, bits and qjl")
-    capacity = storage.norms.shape
+    capacity = storage.scales.shape
     if len(capacity) != 3 or tuple(capacity[:2]) != tuple(x.shape[:2]):
         raise ValueError(f"storage leading shape must be (batch, heads, capacity) = ({x.shape[0]}, {x.shape[1]}, "
                          f"capacity), got {tuple(capacity)}")
@@ -138,7 +138,7 @@ def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quant
     _check(x, quantizer, storage, start)
     encoded = quantizer.quantize(x, check_finite=False)
     stop = start + x.shape[2]
-    for name in ("packed_indices", "norms", "qjl_signs", "residual_norms"):
+    for name in ("packed_indices", "scales", "qjl_signs", "residual_norms"):
         source = getattr(encoded, name)
         if source is not None:
             getattr(storage, name)[:, :, start:stop].copy_(source)
@@ -153,14 +153,14 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     if n_tokens == 0:
         return None
     operands, state = kernel_state(quantizer, x.device), quantizer.state(x.device)
-    packed, norms = storage.packed_indices, storage.norms
+    packed, scales = storage.packed_indices, storage.scales
     block_m, num_warps = row_launch(_LAUNCH, x.device, dim)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
         operands.rotate, state.boundaries, state.centroids,
         packed, *packed.stride(),
-        norms, *norms.stride(),
+        scales, *scales.stride(),
         heads, n_tokens, start, operands.rotate_scale,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
         ROT_PIECES=operands.rotate.shape[0],
