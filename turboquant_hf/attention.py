@@ -49,7 +49,7 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     allowed = None if attention_mask is None else attention_mask[..., :kv_len]
     if causal and n_queries > 1:
         # A bias object, not an (M, L) mask: with it SDPA keeps its fused GQA kernels and materializes nothing
-        # (an explicit mask cost 1 GiB and the same time at M=512, L=1M; 3.7x the time at M=L=8192, B=8; H200).
+        # (benchmarks/RESULTS.md, "Dense attention for chunks over a cache").
         allowed = causal_lower_right(n_queries, kv_len)
     return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
                                                             enable_gqa=True)

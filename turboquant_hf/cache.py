@@ -174,17 +174,10 @@ class TurboQuantLayer(DynamicLayer):
         Returned: the packed past dequantized ++ the window ++ the new states (exact), in the new states' dtype;
         without the packed past when the attention reads it packed (module docstring).
         """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
-        attention_kwargs = kwargs.get("kwargs")
-        if not isinstance(attention_kwargs, dict):
-            attention_kwargs = None
+        attention_kwargs, packed = self._begin_update(key_states, value_states, kwargs)
         storage = self.storage
-        packed = attention_kwargs is not None and self.serves_packed
         returned = storage.dense(key_states, value_states, with_past=not packed)
         if attention_kwargs is not None:
-            attention_kwargs["turboquant_layer"] = self
             attention_kwargs["turboquant_past"] = self.compressed_past() if packed else None
         storage.push_window(key_states, value_states)
         overflow = storage.window_length - self.residual_length
@@ -195,6 +188,19 @@ class TurboQuantLayer(DynamicLayer):
                 storage.reserve(_grown_capacity(storage.capacity, storage.length + overflow))
             storage.flush(overflow)
         return returned
+
+    def _begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor, kwargs: dict
+                      ) -> tuple[dict | None, bool]:
+        """Initialize and check; (the attention kwargs that the model handed over, or None; whether to leave the
+        packed past to the attention). Puts this layer into those kwargs as ``turboquant_layer``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_states(key_states, value_states)
+        attention_kwargs = kwargs.get("kwargs")
+        if not isinstance(attention_kwargs, dict):
+            return None, False
+        attention_kwargs["turboquant_layer"] = self
+        return attention_kwargs, self.serves_packed
 
     def compressed_past(self) -> CompressedPast:
         """The packed past as it is now (views, no copy), for an attention that reads it packed."""
@@ -367,15 +373,7 @@ class StaticTurboQuantLayer(TurboQuantLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode (B, H, n, D) new states into their slots (and the ring); return what the attention reads (class
         docstring)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._check_states(key_states, value_states)
-        attention_kwargs = kwargs.get("kwargs")
-        if not isinstance(attention_kwargs, dict):
-            attention_kwargs = None
-        packed = attention_kwargs is not None and self.serves_packed
-        if attention_kwargs is not None:
-            attention_kwargs["turboquant_layer"] = self
+        attention_kwargs, packed = self._begin_update(key_states, value_states, kwargs)
         if torch.compiler.is_compiling():
             return self._compiled_update(key_states, value_states, attention_kwargs, packed)
         return self._eager_update(key_states, value_states, attention_kwargs, packed)

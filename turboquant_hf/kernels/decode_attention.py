@@ -92,8 +92,8 @@ def _softmax_step(logits, row_max, row_sum):
 def _gather(words, table_ptr, BITS: tl.constexpr, PHASES: tl.constexpr):
     """Packed words of a tile (load_packed) -> what _phase slices: the (N, D) fp16 centroids when PHASES == 1, else
     the centroid_table entry of each byte (the fp16 centroids of its PHASES indices side by side). The 256-entry
-    table is looked up with tl.gather, which stages it in shared memory: random reads there cost fewer cycles
-    than gathers through L1 (the whole kernel ran 9% faster on an H200)."""
+    table is looked up with tl.gather, which stages it in shared memory (fewer cycles than gathers through L1;
+    benchmarks/RESULTS.md has the measurement)."""
     if PHASES == 1:
         gathered = decode_packed(words, table_ptr, BITS)
     else:
@@ -504,10 +504,8 @@ def _attention_config(head_dim: int, rows: int, batch_heads: int, phased: bool, 
     its fp32 tiles then need fewer registers than the compressed loop, which sets the kernel's count); "waves" is
     programs per SM that the split count aims for: 2 (one wave at the two programs per SM that the registers allow;
     fewer splits, less merge work) when programs per split (batch * kv heads * row blocks) are at most a quarter of
-    the SMs (B=1: 1.3-1.5x faster than 8), else 16 (B=8: 2-7 % faster than 8). Software pipelining (num_stages 2)
-    helps phased tiles by 2-8 % at head_dim 128 and slows the 3-bit path 1.6-1.8x. Chosen from
-    ``benchmarks/bench_attention.py --sweep`` on an H200 (benchmarks/RESULTS.md); smaller BLOCK_N or 8 warps (3-4
-    programs per SM) were not faster.
+    the SMs, else 16; software pipelining (num_stages 2) for phased tiles at head_dim <= 128 only. Chosen from
+    ``benchmarks/bench_attention.py --sweep`` (the figures are in benchmarks/RESULTS.md).
     """
     block_r = max(16, min(1 << (rows - 1).bit_length(), 32))
     waves = 2 if batch_heads * cdiv(rows, block_r) * 4 <= sm_count(device) else 16

@@ -47,9 +47,9 @@ def _count_symmetric(y, boundaries_ptr, BITS: tl.constexpr):
 @triton.jit
 def _bucketize(y, boundaries_ptr, BITS: tl.constexpr):
     """Number of sorted boundaries < y, int32 (ties go to the lower centroid and NaN goes last, like
-    torch.bucketize); y finite or NaN. Up to 4 bits in registers with no dependent loads: _count_symmetric at 4 bits
-    (on an H200 1.4x faster encode than _count_all), _count_all below (the symmetric count made 3-bit encode 1.1x
-    slower; ``benchmarks/probe_encode_bucketize.py``). 8 bits by binary lifting over table loads."""
+    torch.bucketize); y finite or NaN. Up to 4 bits in registers with no dependent loads: _count_symmetric at 4 bits,
+    _count_all below (which is faster where: benchmarks/RESULTS.md, ``probe_encode_bucketize.py``). 8 bits by binary
+    lifting over table loads."""
     LAST: tl.constexpr = (1 << BITS) - 1
     if BITS == 4:
         indices = _count_symmetric(y, boundaries_ptr, BITS)
