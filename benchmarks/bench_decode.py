@@ -236,7 +236,7 @@ def table_line(row: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def machine_info(device: torch.device, args) -> dict:
+def machine_info(device: torch.device) -> dict:
     try:
         import triton
 
@@ -247,7 +247,8 @@ def machine_info(device: torch.device, args) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "transformers": transformers.__version__, "turboquant_hf": turboquant_hf.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled()}
 
 
 def main() -> None:
@@ -262,19 +263,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (4096: the 8B shape); see model_config")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-compile", action="store_true", help="run the *-compile configs eagerly")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true",
+                        help="keep SDPA off its cuDNN backend, which (torch 2.11, H200) builds a new plan on the host "
+                             "for each new KV length: ~10-16 ms per eager decode call of a layer")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_decode.py: no CUDA GPU here (use --device cpu for a smoke test)")
 
-    machine = machine_info(device, args)
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    machine = machine_info(device)
     model = build_model(args.layers, device.type, model_config(args.layers, args.hidden))
     args.weights_bytes, args.weights_read_bytes = weight_bytes(model)
     args.bandwidth = copy_bandwidth(device)
     machine.update(copy_bandwidth_gb_s=args.bandwidth / 1e9, weights_bytes=args.weights_bytes,
                    weights_read_bytes=args.weights_read_bytes, layers=args.layers, hidden=args.hidden)
-    for key in ("command", "device", "torch", "cuda", "triton", "transformers", "turboquant_hf", "python"):
+    for key in ("command", "device", "torch", "cuda", "triton", "transformers", "turboquant_hf", "python", "cudnn_sdpa"):
         print(f"{key}: {machine[key]}")
     print(f"copy bandwidth: {args.bandwidth / 1e9:.0f} GB/s; weights {args.weights_bytes / 2**30:.2f} GiB, "
           f"read per step {args.weights_read_bytes / 2**30:.2f} GiB", flush=True)
