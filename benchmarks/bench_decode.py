@@ -1,6 +1,7 @@
 """Decode step time against the memory-bandwidth floor, static (compiled, CUDA-graphed) and dynamic caches (issue 21).
 
-    python benchmarks/bench_decode.py --out bench_decode.json                  # H200 default set, ~8 min
+    python benchmarks/bench_decode.py --batch 1 --out b1.json       # H200: ~5 min now, ~8 with tq4-static-compile
+    python benchmarks/bench_decode.py --batch 8 16 --out b8.json    # the rest of the default set, about as long
     python benchmarks/bench_decode.py --batch 1 --prompt 32768 --configs static-compile tq4-static-compile
     python benchmarks/bench_decode.py --device cpu --layers 2 --hidden 256 --no-compile --batch 1 2 \\
         --prompt 64 256 --steps 4                                               # CPU smoke test, < 1 min
@@ -15,9 +16,12 @@ CUDA-graph recording, Triton autotuning) whose first is reported as "1st step s"
   dynamic             DynamicCache + SDPA, eager
   quanto-int4, fp8    transformers' QuantizedCache (optimum-quanto int4; per-tensor float8), eager
 One compiled forward serves every compiled row, compiled with dynamic=True (--compile-dynamic): one graph for B=1
-(size-1 dims are always specialized) and one for B > 1 per cache type, each ~60-70 s for 32 layers on an H200.
-generate's default (dynamic=None, --compile-dynamic auto) compiles static shapes first and recompiles once for each
-dimension that changes: one compile more per cache type, the same dynamic-shape graphs after that.
+(size-1 dims are always specialized) and one for B > 1 per cache type. On a fresh H200 (torch 2.11, 32 layers)
+these took 166 s and 142 s for StaticCache; generate's default (dynamic=None, --compile-dynamic auto) compiled
+static shapes in 51 s, then recompiled in 72 s for the first length change, and again for a batch change. So the
+whole default set in one process is ~15 min once both compiled configs build; run B=1 and B=8,16 as two processes
+(gpu_check.sh steps decode and decode-batch), each under a 10-minute device call. The one-forward prefill of 131072
+tokens at B=1 takes ~12 s per config; B=8 and 16 at 131072, and bf16 caches at B=16 x 32768, run out of memory.
 
 The floor is the time to read, once per step, what a decode step must read: the weights (less the embedding table,
 of which a step reads one row per sequence) and the cache (bf16: 2 * layers * kv_heads * head_dim * 2 bytes per
