@@ -46,10 +46,11 @@ def llama_8b_config(layers: int = 32) -> LlamaConfig:
                        max_position_embeddings=1 << 20, rope_theta=500000.0)
 
 
-def build_model(layers: int) -> LlamaForCausalLM:
-    config = llama_8b_config(layers)
+def build_model(layers: int, device: str = "cuda", config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    """A randomly initialised bf16 Llama on ``device``: ``config``, or the 8B shape with ``layers`` layers."""
+    config = config or llama_8b_config(layers)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)

