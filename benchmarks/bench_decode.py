@@ -161,7 +161,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
     compiled = compiled and compiled_forward is not None
     device = model.device
     warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
-    max_cache_len = prompt + warmup + args.steps + MARGIN
+    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + MARGIN)
     model.set_attn_implementation(impl)
     cache_argument = cache_kwarg(model)
     step_forward = compiled_forward if compiled else model
@@ -269,7 +269,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (4096: the 8B shape); see model_config")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-compile", action="store_true", help="run the *-compile configs eagerly")
-    parser.add_argument("--compile-dynamic", choices=("true", "auto"), default="true",
+    parser.add_argument("--max-cache-len", type=int, default=None,
+                        help="static caches' length for every row (one shape: one compile per cache type with "
+                             "--compile-dynamic false); default: each row's prompt + steps + a margin")
+    parser.add_argument("--compile-dynamic", choices=("true", "auto", "false"), default="true",
                         help="torch.compile's dynamic: true (fewest compiles) or auto (None, generate's default)")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
                         help="keep SDPA off its cuDNN backend, which (torch 2.11, H200) builds a new plan on the host "
@@ -300,7 +303,7 @@ def main() -> None:
             if hasattr(torch._dynamo.config, option):
                 setattr(torch._dynamo.config, option, 64)
         compiled_forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True,
-                                         dynamic=True if args.compile_dynamic == "true" else None)
+                                         dynamic={"true": True, "auto": None, "false": False}[args.compile_dynamic])
 
     rows = []
     print("\n" + HEADER, flush=True)
