@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from turboquant_hf import TurboQuantCache
-from turboquant_hf.codebook import SUPPORTED_BITS
+from turboquant_hf.lloyd_max import SUPPORTED_BITS
 from turboquant_hf.eval.loading import cache_kwarg
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg"}

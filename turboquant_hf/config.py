@@ -7,7 +7,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-from .codebook import SUPPORTED_BITS
+from .lloyd_max import SUPPORTED_BITS
 from .rotation import ROTATIONS
 
 # Settings a per-layer override may change (the rotation and seed are shared by every layer).

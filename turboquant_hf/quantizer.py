@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .codebook import SUPPORTED_BITS, codebook
+from .lloyd_max import SUPPORTED_BITS, codebook
 from .packing import field_indices, pack, packed_size, unpack
 from .rotation import Rotation
 

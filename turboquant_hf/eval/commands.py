@@ -39,7 +39,9 @@ def _load(args, parser: argparse.ArgumentParser):
     finally:
         if bars_were_on:
             transformers_logging.enable_progress_bar()
-    if args.attn_implementation:  # "turboquant" is registered by importing this package
+    if args.attn_implementation:
+        from .. import attention  # noqa: F401  (registers "turboquant")
+
         model.set_attn_implementation(args.attn_implementation)
     return model, tokenizer, device
 

@@ -15,7 +15,7 @@ import torch
 from scipy import integrate, optimize, stats
 
 from turboquant_hf import codebook, codebook_distortion
-from turboquant_hf.codebook import _solve
+from turboquant_hf.lloyd_max import _solve
 
 DIMS = (64, 80, 96, 112, 128, 256)
 BITS = (1, 2, 3, 4, 8)
