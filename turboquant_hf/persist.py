@@ -338,8 +338,9 @@ def _check_fingerprint(found: dict[str, Any], cache: TurboQuantCache, model_conf
                        source: str) -> None:
     expected = expected_fingerprint(cache, model_config)
     found_layers, expected_layers = found["layers"], expected["layers"]
-    # A cache built without model_config grows its layers as the model reaches them: fewer is not yet a mismatch.
-    grows = source == "the cache" and cache.layer_class_to_replicate is not None
+    # A cache built without model_config makes its layers as the model first reaches them: before any token, fewer
+    # layers are not yet a mismatch.
+    grows = source == "the cache" and cache.layer_class_to_replicate is not None and cache.get_seq_length() == 0
     if len(found_layers) != len(expected_layers) and not (grows and len(found_layers) < len(expected_layers)):
         raise ValueError(f"{source} has {len(found_layers)} layers, model config has {len(expected_layers)}")
     for index, (have, want) in enumerate(zip(found_layers, expected_layers)):
