@@ -104,8 +104,8 @@ def answer(args) -> dict:
     cache = TurboQuantCache.load(args.cache_file, model_config=model.config)
     load_s = time.perf_counter() - start
     if cache.get_seq_length() != prefix.shape[1]:
-        raise SystemExit(f"{args.cache_file} holds {cache.get_seq_length()} tokens, the document has {prefix.shape[1]}: "
-                         "it was saved for another --doc-tokens")
+        raise SystemExit(f"{args.cache_file} holds {cache.get_seq_length()} tokens, the document has "
+                         f"{prefix.shape[1]}: it was saved for another --doc-tokens")
     saved = args.prefill_seconds - load_s
     print(f"fresh process: loaded the cache in {load_s:.2f} s instead of a {args.prefill_seconds:.1f} s prefill "
           f"({saved:.1f} s saved each time the document is reused)\n")

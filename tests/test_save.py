@@ -74,8 +74,8 @@ def valid_bytes(cache: TurboQuantCache) -> int:
         if getattr(layer, "storage", None) is not None:
             length = layer.storage.length if not hasattr(layer, "lengths") else int(layer.lengths[0])
             keys, values = layer.storage.past(length)
-            total += keys.nbytes + values.nbytes + sum(t.numel() * t.element_size()
-                                                       for t in (layer.storage.window_keys, layer.storage.window_values))
+            windows = (layer.storage.window_keys, layer.storage.window_values)
+            total += keys.nbytes + values.nbytes + sum(t.numel() * t.element_size() for t in windows)
         elif getattr(layer, "keys", None) is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total
@@ -167,6 +167,26 @@ def test_sliding_window_layers_are_saved_too(tmp_path):
                                    forward(model, ids[:, 30:], original).logits, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="pass model_config= to load"):
         TurboQuantCache.load(path)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3_next", "jamba", "lfm2", "zamba2", "falcon_h1"])
+def test_layers_transformers_builds_round_trip(name, tmp_path):
+    """Sliding windows, linear-attention / SSM / conv states and hybrid layers (TurboQuantHybridLayer) are saved and
+    copied with the compressed K/V: the next step's logits are those of the original cache."""
+    from test_models import CASES, VOCAB as MODEL_VOCAB
+
+    if name not in CASES:
+        pytest.skip(f"tests/test_models.py has no {name}")
+    model = CASES[name].build().eval()
+    ids = torch.randint(2, MODEL_VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    original = prefilled(model, ids[:, :24], bits=4, residual_length=4)
+    loaded = TurboQuantCache.load(original.save(tmp_path / "cache.safetensors"), model_config=model.config)
+    copied = original.copy()
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in original.layers]
+    with torch.no_grad():
+        expected = forward(model, ids[:, 24:], original).logits
+        for cache in (loaded, copied):
+            torch.testing.assert_close(forward(model, ids[:, 24:], cache).logits, expected, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------- the file

@@ -593,7 +593,7 @@ class TurboQuantCache(Cache):
 
     # ---------------------------------------------------------------------- keep and reuse (persist.py)
     def save(self, path) -> Any:
-        """Write the cache to ``path`` as one safetensors file (atomic); returns the ``pathlib.Path``. See persist.py."""
+        """Write the cache to ``path``: one safetensors file, written atomically; returns the ``pathlib.Path``."""
         from .persist import save
 
         return save(self, path)
