@@ -591,6 +591,34 @@ class TurboQuantCache(Cache):
         """The static layout is (also before its layers exist, which ``generate`` asks first); the dynamic one not."""
         return self.max_cache_len is not None and all(layer.is_compileable for layer in self.layers)
 
+    # ---------------------------------------------------------------------- keep and reuse (persist.py)
+    def save(self, path) -> Any:
+        """Write the cache to ``path``: one safetensors file, written atomically; returns the ``pathlib.Path``."""
+        from .persist import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path, device: torch.device | str | None = None,
+             model_config: PretrainedConfig | None = None) -> TurboQuantCache:
+        """The cache saved at ``path``, tensors on ``device`` (default CPU); with ``model_config``, built for that model
+        and checked against it (ValueError naming the mismatch). See ``persist.load``."""
+        from .persist import load
+
+        return load(path, device=device, model_config=model_config)
+
+    def copy(self) -> TurboQuantCache:
+        """An independent copy (tensors cloned, quantizers shared): one prefilled prefix, many continuations."""
+        from .persist import copy_cache
+
+        return copy_cache(self)
+
+    def check_compatible(self, model_config: PretrainedConfig) -> None:
+        """ValueError naming the first mismatch (layer count, kind, kv heads, head_dim) with ``model_config``."""
+        from .persist import check_compatible
+
+        check_compatible(self, model_config)
+
     def memory_report(self) -> dict[str, Any]:
         """Bytes the cache holds vs what DynamicCache would hold for the same tokens.
 

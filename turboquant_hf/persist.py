@@ -1,0 +1,396 @@
+"""Keep and reuse a TurboQuantCache: ``save`` / ``load`` one safetensors file, ``copy`` in memory.
+
+The file holds what the cache holds and nothing more: per layer the valid packed slots (not the spare capacity),
+their scales (and QJL signs / residual norms), the dense window (the static layout: its ring and ``lengths``), and
+the keys/values or states of layers that transformers made (sliding windows, linear-attention states). The
+quantizers are not stored: their rotation and codebook follow from the settings and the seed, so ``load`` rebuilds
+the same ones (``shared_quantizer``) and the loaded cache decodes to the same values.
+
+safetensors metadata is str -> str; these entries are JSON:
+
+    format          "turboquant_hf.cache"            format_version  FORMAT_VERSION
+    config          TurboQuantConfig.to_dict()       static          {"max_cache_len", "max_batch_size"}
+    fingerprint     {"layers": [{kind, kv_heads, head_dim, value_head_dim, dtype, batch, tokens}, ...]}
+    layers          per layer what rebuilding it needs (packed tokens, the plain attributes of other layers)
+    checksum        sha256 over every tensor's name, dtype, shape and bytes (a flipped byte is caught)
+
+Tensor names: ``layers.{i}.keys.packed_indices`` (and ``.scales``, ``.qjl_signs``, ``.residual_norms``), the same
+for ``values``, ``layers.{i}.window_keys`` / ``window_values``, ``layers.{i}.lengths`` (static), and
+``layers.{i}.state.{attribute}[.{key}]`` for the tensors of layers (or layer parts) that transformers owns.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PretrainedConfig
+
+from .config import TurboQuantConfig
+
+if TYPE_CHECKING:
+    from .cache import TurboQuantCache
+
+FORMAT = "turboquant_hf.cache"
+FORMAT_VERSION = 1
+_SLOT_FIELDS = ("packed_indices", "scales", "qjl_signs", "residual_norms")
+# Attributes of a TurboQuantLayer that save/copy handle themselves (or rebuild: settings come from the config, the
+# reader from the attention's next call, device/dtype from the load).
+_OWN_ATTRIBUTES = {"storage", "settings", "_reader_config", "is_initialized", "lengths", "specs", "max_cache_len",
+                   "max_batch_size"}
+_DTYPES = {str(dtype): dtype for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
+                                           torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def save(cache: TurboQuantCache, path: str | os.PathLike) -> Path:
+    """Write ``cache`` to ``path`` (safetensors; atomic: a temporary file in the same folder, fsync, rename).
+
+    Returns the path. The file size is the bytes of the valid tokens the cache holds plus a header of a few KiB.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    records = [_save_layer(layer, f"layers.{index}.", tensors) for index, layer in enumerate(cache.layers)]
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(cache.config.to_dict()),
+        "static": json.dumps({"max_cache_len": cache.max_cache_len, "max_batch_size": cache.max_batch_size}),
+        "fingerprint": json.dumps(fingerprint(cache)),
+        "layers": json.dumps(records),
+        "checksum": _checksum(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        with open(partial, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _save_layer(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Put ``layer``'s tensors into ``tensors`` under ``prefix``; return what rebuilding it needs (JSON)."""
+    from .cache import StaticTurboQuantLayer, TurboQuantLayer
+
+    record: dict[str, Any] = {"kind": type(layer).__name__}
+    if isinstance(layer, TurboQuantLayer):
+        record["initialized"] = bool(layer.is_initialized)
+        if layer.is_initialized:
+            storage = layer.storage
+            length = int(layer.lengths[0]) if isinstance(layer, StaticTurboQuantLayer) else storage.length
+            record.update(packed=length, dtype=str(layer.dtype))
+            for name, slots in (("keys", storage.keys), ("values", storage.values)):
+                for field in _SLOT_FIELDS:
+                    tensor = getattr(slots, field)
+                    if tensor is not None:
+                        tensors[f"{prefix}{name}.{field}"] = tensor[:, :, :length]
+            tensors[prefix + "window_keys"] = storage.window_keys
+            tensors[prefix + "window_values"] = storage.window_values
+            if isinstance(layer, StaticTurboQuantLayer):
+                tensors[prefix + "lengths"] = layer.lengths
+    record["state"] = _save_plain_state(layer, prefix + "state.", tensors)
+    return record
+
+
+def _save_plain_state(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The attributes of a layer (part) that transformers owns: tensors into ``tensors``, the rest as JSON values.
+
+    A tensor is recorded as {"tensor": name}; a dict {int: value} (linear-attention states) as {"dict": {...}}.
+    """
+    def encode(name: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix + name] = value
+            return {"tensor": prefix + name}
+        if isinstance(value, torch.dtype):
+            return {"dtype": str(value)}
+        if isinstance(value, dict) and all(isinstance(key, int) for key in value):
+            return {"dict": {str(key): encode(f"{name}.{key}", item) for key, item in value.items()}}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"cannot save {type(layer).__name__}.{name} ({type(value).__name__}): TurboQuantCache.save "
+                         "stores tensors, dicts of them and plain values only")
+
+    from .cache import TurboQuantLayer
+
+    skip = _OWN_ATTRIBUTES if isinstance(layer, TurboQuantLayer) else ()
+    return {name: encode(name, value) for name, value in vars(layer).items()
+            if name not in skip and not isinstance(value, torch.device)}
+
+
+def fingerprint(cache: TurboQuantCache) -> dict[str, Any]:
+    """What a model must match to use ``cache``: per layer its kind (class name) and, once it holds tokens, kv heads,
+    head_dim (keys; value_head_dim for values), dtype, batch and tokens."""
+    layers = []
+    for layer in cache.layers:
+        entry = {"kind": type(layer).__name__}
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if getattr(layer, "is_initialized", False) and isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            entry.update(batch=keys.shape[0], kv_heads=keys.shape[1], head_dim=keys.shape[-1],
+                         value_head_dim=values.shape[-1], dtype=str(keys.dtype), tokens=int(layer.get_seq_length()))
+        layers.append(entry)
+    return {"layers": layers}
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def load(path: str | os.PathLike, device: torch.device | str | None = None,
+         model_config: PretrainedConfig | None = None) -> TurboQuantCache:
+    """The cache saved at ``path``, its tensors on ``device`` (default: CPU).
+
+    With ``model_config`` the cache is rebuilt as ``TurboQuantCache(config=..., model_config=model_config)`` and the
+    file must match what that config implies (layer count, kinds, kv heads, head_dim); without it the file must hold
+    TurboQuant layers only. Any mismatch, a truncated or corrupt file, another format version or a missing tensor is
+    a ValueError; nothing is returned half-built.
+    """
+    from .cache import TurboQuantCache, TurboQuantLayer
+
+    path = Path(path)
+    device = torch.device("cpu" if device is None else device)
+    metadata, tensors = _read(path)
+    where = f"{path}: "
+    try:
+        config = TurboQuantConfig.from_dict(json.loads(metadata["config"]))
+        static = json.loads(metadata["static"])
+        file_print = json.loads(metadata["fingerprint"])
+        records = json.loads(metadata["layers"])
+        max_cache_len, max_batch_size = static["max_cache_len"], static["max_batch_size"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}not a valid TurboQuantCache file (bad header: {error})") from error
+    if len(records) != len(file_print["layers"]):
+        raise ValueError(f"{where}corrupt header: {len(records)} layer records, {len(file_print['layers'])} in the "
+                         "fingerprint")
+    cache = TurboQuantCache(config=config, model_config=model_config, max_cache_len=max_cache_len,
+                            max_batch_size=max_batch_size)
+    if model_config is not None:
+        _check_fingerprint(file_print, cache, model_config, "the file")
+    else:
+        foreign = [f"{index}: {record['kind']}" for index, record in enumerate(records)
+                   if record["kind"] not in ("TurboQuantLayer", "StaticTurboQuantLayer")]
+        if foreign:
+            raise ValueError(f"{where}the file holds layers that transformers builds ({', '.join(foreign)}): pass "
+                             "model_config= to load")
+        cache.layers = [cache._layer(index) for index in range(len(records))]
+    for index, (layer, record) in enumerate(zip(cache.layers, records)):
+        prefix = f"layers.{index}."
+        try:
+            if isinstance(layer, TurboQuantLayer):
+                _load_compressed(layer, record, prefix, tensors, device)
+            _load_plain_state(layer, record.get("state", {}), tensors, device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            detail = f"missing tensor {error}" if isinstance(error, KeyError) else str(error)
+            raise ValueError(f"{where}layer {index} ({record.get('kind')}) cannot be restored: {detail}") from error
+    return cache
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, every tensor on CPU) of a file that passes the format, version and checksum checks."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a TurboQuantCache file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: TurboQuantCache format version {metadata.get('format_version')!r}; this "
+                         f"turboquant_hf reads version {FORMAT_VERSION}")
+    if metadata.get("checksum") != _checksum(tensors):
+        raise ValueError(f"{path}: checksum mismatch: the file is corrupt")
+    return metadata, tensors
+
+
+def _load_compressed(layer, record: dict, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill a fresh TurboQuantLayer (either layout) from ``record`` and the file's tensors."""
+    from .cache import StaticTurboQuantLayer
+
+    if not record.get("initialized"):
+        return
+    dtype = _DTYPES[record["dtype"]]
+    window_keys, window_values = tensors[prefix + "window_keys"], tensors[prefix + "window_values"]
+    for name, window in (("window_keys", window_keys), ("window_values", window_values)):
+        if window.dim() != 4 or window.dtype != dtype:
+            raise ValueError(f"{name} is {window.dtype} of shape {tuple(window.shape)}, expected 4 dims of {dtype}")
+    batch, heads = window_keys.shape[:2]
+    # Empty states of the saved shapes: the layer allocates its storage (and quantizers) as on a first update.
+    layer.lazy_initialization(torch.empty(batch, heads, 0, window_keys.shape[-1], dtype=dtype, device=device),
+                              torch.empty(batch, heads, 0, window_values.shape[-1], dtype=dtype, device=device))
+    storage, length = layer.storage, int(record["packed"])
+    static = isinstance(layer, StaticTurboQuantLayer)
+    if static and length > layer.max_cache_len:
+        raise ValueError(f"{length} packed tokens exceed max_cache_len={layer.max_cache_len}")
+    if not static:
+        storage.reserve(length)
+    for name in ("keys", "values"):
+        slots = getattr(storage, name)
+        for field in _SLOT_FIELDS:
+            target, key = getattr(slots, field), f"{prefix}{name}.{field}"
+            if target is None:
+                if key in tensors:
+                    raise ValueError(f"{key} is in the file but this layer's settings store no {field}")
+                continue
+            _copy_checked(target[:, :, :length], tensors[key], key)
+    if static:
+        _copy_checked(storage.window_keys, window_keys, prefix + "window_keys")
+        _copy_checked(storage.window_values, window_values, prefix + "window_values")
+        _copy_checked(layer.lengths, tensors[prefix + "lengths"], prefix + "lengths")
+        if int(layer.lengths[0]) != length:
+            raise ValueError(f"lengths {layer.lengths.tolist()} disagree with {length} packed tokens")
+    else:
+        storage.window_keys, storage.window_values = window_keys.to(device), window_values.to(device)
+        storage.length = length
+
+
+def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if loaded.shape != target.shape or loaded.dtype != target.dtype:
+        raise ValueError(f"{name} is {loaded.dtype} of shape {tuple(loaded.shape)}, expected {target.dtype} of shape "
+                         f"{tuple(target.shape)}")
+    target.copy_(loaded)
+
+
+def _load_plain_state(layer, state: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the attributes ``_save_plain_state`` recorded on a freshly built ``layer``."""
+    known = set(vars(layer))
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {"tensor"}:
+            return tensors[value["tensor"]].to(device)
+        if isinstance(value, dict) and set(value) == {"dtype"}:
+            return _DTYPES[value["dtype"]]
+        if isinstance(value, dict) and set(value) == {"dict"}:
+            return {int(key): decode(item) for key, item in value["dict"].items()}
+        return value
+
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise ValueError(f"the file sets attributes {unknown} that a {type(layer).__name__} built here does not have "
+                         "(saved with another transformers version?)")
+    for name, value in state.items():
+        setattr(layer, name, decode(value))
+    if "device" in known or getattr(layer, "is_initialized", False):  # the device is the load's, not the file's
+        layer.device = device
+
+
+# ------------------------------------------------------------------------------------------- compatibility
+def expected_fingerprint(cache: TurboQuantCache, model_config: PretrainedConfig) -> dict[str, Any]:
+    """The layer kinds a cache with ``cache``'s settings has for ``model_config``, plus its kv heads and head_dim."""
+    from .cache import TurboQuantCache
+
+    built = TurboQuantCache(config=cache.config, model_config=model_config, max_cache_len=cache.max_cache_len,
+                            max_batch_size=cache.max_batch_size)
+    text = model_config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and heads and getattr(text, "hidden_size", None):
+        head_dim = text.hidden_size // heads
+    return {"layers": [{"kind": type(layer).__name__} for layer in built.layers], "kv_heads": kv_heads,
+            "head_dim": head_dim}
+
+
+def check_compatible(cache: TurboQuantCache, model_config: PretrainedConfig) -> None:
+    """ValueError naming the first mismatch between ``cache``'s layers and those ``model_config`` implies."""
+    _check_fingerprint(fingerprint(cache), cache, model_config, "the cache")
+
+
+def _check_fingerprint(found: dict[str, Any], cache: TurboQuantCache, model_config: PretrainedConfig,
+                       source: str) -> None:
+    expected = expected_fingerprint(cache, model_config)
+    found_layers, expected_layers = found["layers"], expected["layers"]
+    # A cache built without model_config makes its layers as the model first reaches them: before any token, fewer
+    # layers are not yet a mismatch.
+    grows = source == "the cache" and cache.layer_class_to_replicate is not None and cache.get_seq_length() == 0
+    if len(found_layers) != len(expected_layers) and not (grows and len(found_layers) < len(expected_layers)):
+        raise ValueError(f"{source} has {len(found_layers)} layers, model config has {len(expected_layers)}")
+    for index, (have, want) in enumerate(zip(found_layers, expected_layers)):
+        if have["kind"] != want["kind"]:
+            raise ValueError(f"layer {index} is a {have['kind']} in {source}, a {want['kind']} for this model config "
+                             "(build the cache with the same model_config= it is used with)")
+    # Models whose layers differ in head_dim (global vs local attention) give several values: check uniform ones only.
+    for name in ("kv_heads", "head_dim"):
+        values = {layer[name] for layer in found_layers if name in layer and layer["kind"].endswith("TurboQuantLayer")}
+        if len(values) == 1 and expected[name] is not None and values != {expected[name]}:
+            raise ValueError(f"{source} has {name}={values.pop()}, model config has {name}={expected[name]}")
+
+
+# ------------------------------------------------------------------------------------------------------ copy
+def copy_cache(cache: TurboQuantCache) -> TurboQuantCache:
+    """An independent copy of ``cache``: every tensor cloned (the valid packed tokens only, for the dynamic layout),
+    the quantizers, settings and model config shared. Neither sees the other's later tokens."""
+    duplicate = copy.copy(cache)
+    duplicate.layers = [_copy_layer(layer) for layer in cache.layers]
+    if cache.layer_class_to_replicate is not None:  # bound to the original: would count the original's layers
+        duplicate.layer_class_to_replicate = duplicate._next_layer
+    return duplicate
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, dict):
+        return {key: _clone(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clone(item) for item in value]
+    return value
+
+
+def _copy_layer(layer):
+    from .cache import StaticTurboQuantLayer, TurboQuantLayer
+
+    duplicate = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if name not in ("storage", "settings", "_reader_config"):
+            vars(duplicate)[name] = _clone(value)
+    if isinstance(layer, TurboQuantLayer) and layer.storage is not None:
+        storage = copy.copy(layer.storage)
+        if isinstance(layer, StaticTurboQuantLayer):  # every slot: the static layout never grows
+            storage.keys, storage.values = (slots._map(_clone) for slots in (storage.keys, storage.values))
+        else:
+            storage.keys, storage.values = (slots._map(_clone) for slots in storage.past())
+        storage.window_keys, storage.window_values = _clone(storage.window_keys), _clone(storage.window_values)
+        duplicate.storage = storage
+        if isinstance(layer, StaticTurboQuantLayer):  # fixed addresses, as lazy_initialization marks them
+            for tensor in (*storage.tensors(), duplicate.lengths):
+                torch._dynamo.mark_static_address(tensor)
+    return duplicate
