@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache, StoppingCriteria  # noqa: E402
 
 from turboquant_hf import TurboQuantCache  # noqa: E402
-from turboquant_hf.eval.loading import PROSE_TEXT, cache_kwarg  # noqa: E402
+from turboquant_hf.eval.loading import cache_kwarg, prose_document  # noqa: E402
 from turboquant_hf.testing import load_smollm2  # noqa: E402
 
 QUESTION = "Who kept the light on Gannet Point, and for how many years?"
@@ -40,19 +40,6 @@ class TokenClock(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def build_document(tokenizer, max_tokens: int) -> str:
-    """The essay's paragraphs, in order, up to ``max_tokens`` tokens."""
-    paragraphs = [p.strip() for p in PROSE_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    kept, used = [], 0
-    for paragraph in paragraphs:
-        length = len(tokenizer(paragraph + "\n\n")["input_ids"])
-        if kept and used + length > max_tokens:
-            break
-        kept.append(paragraph)
-        used += length
-    return "\n\n".join(kept)
 
 
 def answer(model, tokenizer, inputs, cache, max_new_tokens: int) -> dict:
@@ -83,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_smollm2()
-    document = build_document(tokenizer, args.doc_tokens)
+    document = prose_document(tokenizer, args.doc_tokens)
     messages = [{"role": "user", "content": f"{document}\n\nQuestion: {QUESTION}"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens; question: {QUESTION}\n")

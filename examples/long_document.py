@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from turboquant_hf import TurboQuantCache  # noqa: E402
-from turboquant_hf.eval.loading import PROSE_TEXT, cache_kwarg, forward  # noqa: E402
+from turboquant_hf.eval.loading import cache_kwarg, forward, prose_document  # noqa: E402
 from turboquant_hf.testing import load_smollm2  # noqa: E402
 
 QUESTIONS = (
@@ -42,23 +42,10 @@ QUESTIONS = (
 _QUESTION_SLOT = "<<question>>"
 
 
-def build_document(tokenizer, max_tokens: int) -> str:
-    """The essay's paragraphs, in order, up to ``max_tokens`` tokens."""
-    paragraphs = [p.strip() for p in PROSE_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    kept, used = [], 0
-    for paragraph in paragraphs:
-        length = len(tokenizer(paragraph + "\n\n")["input_ids"])
-        if kept and used + length > max_tokens:
-            break
-        kept.append(paragraph)
-        used += length
-    return "\n\n".join(kept)
-
-
 def prompt_parts(tokenizer, max_tokens: int) -> tuple[torch.Tensor, str]:
     """(the chat prompt up to the end of the document as (1, n) token ids, the text that follows it with a slot for
     the question). Tokenized apart, so that every question continues exactly the saved tokens."""
-    document = build_document(tokenizer, max_tokens)
+    document = prose_document(tokenizer, max_tokens)
     messages = [{"role": "user", "content": f"{document}\n\n{_QUESTION_SLOT}"}]
     chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     head, tail = chat.split(_QUESTION_SLOT)

@@ -28,7 +28,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from turboquant_hf import TurboQuantCache, TurboQuantLayer
 
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_cpu_thread")]  # tests/conftest.py
 
 VOCAB = 256
 NEW_TOKENS = 8
@@ -53,13 +54,6 @@ CACHE_KEYWORDS = ["cache", "past_key_values"] if "cache" in inspect.signature(Ll
     else ["past_key_values"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waiting on a shared CPU (see tests/test_models.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ from turboquant_hf import TurboQuantCache, TurboQuantLayer, codebook_distortion
 
 # transformers >= 5.23 renamed generate's `past_key_values` to `cache`; the old name still works (with
 # a FutureWarning) and is the only one 5.17 knows, so most tests use it.
-pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_cpu_thread")]  # tests/conftest.py
 
 VOCAB = 256
 # transformers >= 5.23 hands each attention call's kwargs to Cache.update, which is how the packed past reaches the
@@ -182,14 +183,6 @@ MODELS = [
 CASES = {case.name: case for case in MODELS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These matmuls are tiny: one thread is as fast on an idle CPU, and on a busy one it avoids OpenMP
-    threads spin-waiting for each other (measured 20-40x faster per generate at load 9 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def over_models(select: Callable[[ModelCase], bool] = lambda case: True, xfail: dict[str, str] | None = None):

@@ -115,6 +115,19 @@ def load_model(model: str, gguf_file: str | None, device: torch.device, dtype: t
     return loaded.eval(), tokenizer
 
 
+def prose_document(tokenizer, max_tokens: int) -> str:
+    """The shipped essay's paragraphs, in order, up to ``max_tokens`` tokens of ``tokenizer`` (examples' documents)."""
+    paragraphs = [p.strip() for p in PROSE_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    kept, used = [], 0
+    for paragraph in paragraphs:
+        length = len(tokenizer(paragraph + "\n\n")["input_ids"])
+        if kept and used + length > max_tokens:
+            break
+        kept.append(paragraph)
+        used += length
+    return "\n\n".join(kept)
+
+
 def read_text(path: str | Path) -> str:
     text = Path(path).read_text(encoding="utf-8")
     if not text.strip():
