@@ -528,7 +528,7 @@ class TurboQuantCache(Cache):
             max_batch_size = integer("max_batch_size", max_batch_size)
             if max_batch_size < 1:
                 raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size}")
-        self.max_cache_len, self.max_batch_size = max_cache_len, max_batch_size
+        self._static_shape = (max_cache_len, max_batch_size)
         self.config = config
         if model_config is None:  # layers are made as the model first reaches them, in order
             super().__init__(layer_class_to_replicate=self._next_layer, offloading=offloading)
@@ -545,6 +545,17 @@ class TurboQuantCache(Cache):
                 layer = TurboQuantHybridLayer(config.for_layer(index), number_of_states=layer.number_of_states)
             layers.append(layer)
         super().__init__(layers=layers, offloading=offloading)
+
+    # Properties (transformers 5.17's Cache has read-only, deprecated ones of these names).
+    @property
+    def max_cache_len(self) -> int | None:
+        """Slots per layer of the static layout; None for the dynamic layout."""
+        return self._static_shape[0]
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The static layout's batch limit (None: whatever the first update brings)."""
+        return self._static_shape[1]
 
     def _layer(self, index: int) -> TurboQuantLayer:
         settings = self.config.for_layer(index)
