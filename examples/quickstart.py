@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cache memory for {report['tokens']} tokens: {report['compressed_bytes'] / 2**20:.2f} MiB held "
           f"vs {report['dense_bytes'] / 2**20:.2f} MiB as dense fp32 ({report['ratio']:.2f}x smaller)")
     print(f"(the newest tokens of each layer, at least {cache.config.residual_length}, stay in full precision; the rest "
-          f"is {args.bits}-bit packed indices plus one fp32 norm per vector)")
+          f"is {args.bits}-bit packed indices plus one fp32 scale per vector)")
     print(f"On CPU, TurboQuant buys memory: the cache is {report['ratio']:.2f}x smaller. It is not faster here (it "
           'dequantizes the past at every step); speed gains are on GPU, with attn_implementation="turboquant".')
     return {
