@@ -1,7 +1,7 @@
 """Decode step time against the memory-bandwidth floor, static (compiled, CUDA-graphed) and dynamic caches (issue 21).
 
-    python benchmarks/bench_decode.py --batch 1 --out b1.json       # H200: ~5 min now, ~8 with tq4-static-compile
-    python benchmarks/bench_decode.py --batch 8 16 --out b8.json    # the rest of the default set, about as long
+    python benchmarks/bench_decode.py --batch 1 --out b1.json       # the default set, B=1
+    python benchmarks/bench_decode.py --batch 8 16 --out b8.json    # the rest of the default set
     python benchmarks/bench_decode.py --batch 1 --prompt 32768 --configs static-compile tq4-static-compile
     python benchmarks/bench_decode.py --device cpu --layers 2 --hidden 256 --no-compile --batch 1 2 \\
         --prompt 64 256 --steps 4                                               # CPU smoke test, < 1 min
@@ -16,12 +16,12 @@ CUDA-graph recording, Triton autotuning) whose first is reported as "1st step s"
   dynamic             DynamicCache + SDPA, eager
   quanto-int4, fp8    transformers' QuantizedCache (optimum-quanto int4; per-tensor float8), eager
 One compiled forward serves every compiled row, compiled with dynamic=True (--compile-dynamic): one graph for B=1
-(size-1 dims are always specialized) and one for B > 1 per cache type. On a fresh H200 (torch 2.11, 32 layers)
-these took 166 s and 142 s for StaticCache; generate's default (dynamic=None, --compile-dynamic auto) compiled
-static shapes in 51 s, then recompiled in 72 s for the first length change, and again for a batch change. So the
-whole default set in one process is ~15 min once both compiled configs build; run B=1 and B=8,16 as two processes
-(gpu_check.sh steps decode and decode-batch), each under a 10-minute device call. The one-forward prefill of 131072
-tokens at B=1 takes ~12 s per config; B=8 and 16 at 131072, and bf16 caches at B=16 x 32768, run out of memory.
+(size-1 dims are always specialized) and one for B > 1 per cache type; generate's default (dynamic=None,
+--compile-dynamic auto) compiles static shapes, then recompiles for the first length change and for a batch change;
+--compile-dynamic false with one --max-cache-len for every row compiles once per cache type. Each compile of the
+32-layer model takes about a minute (the "1st step s" column: benchmarks/results/h200_bench_decode_b1*.log), so the
+whole default set does not fit one 10-minute device call: run B=1 and B=8,16 as two processes (gpu_check.sh steps
+decode and decode-batch).
 
 The floor is the time to read, once per step, what a decode step must read: the weights (less the embedding table,
 of which a step reads one row per sequence) and the cache (bf16: 2 * layers * kv_heads * head_dim * 2 bytes per
@@ -275,8 +275,8 @@ def main() -> None:
     parser.add_argument("--compile-dynamic", choices=("true", "auto", "false"), default="true",
                         help="torch.compile's dynamic: true (fewest compiles) or auto (None, generate's default)")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
-                        help="keep SDPA off its cuDNN backend, which (torch 2.11, H200) builds a new plan on the host "
-                             "for each new KV length: ~10-16 ms per eager decode call of a layer")
+                        help="keep SDPA off its cuDNN backend, which builds a new plan on the host for each new KV "
+                             "length (eager decode steps)")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
     args = parser.parse_args()
     device = torch.device(args.device)

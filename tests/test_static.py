@@ -104,6 +104,22 @@ def test_crop_keeps_what_the_ring_still_holds(llama):
     assert torch.equal(got, expected)
 
 
+def test_crop_reads_overwritten_ring_rows_from_the_slots():
+    """12 tokens into a ring of 5 rows (window 4), crop 3: tokens 7 and 8 are still exact in the ring, but the rows
+    of 5 and 6 now hold the cropped 10 and 11, so those two must come back from their packed slots."""
+    cache = TurboQuantCache(bits=4, residual_length=4, max_cache_len=32)
+    generator = torch.Generator().manual_seed(4)
+    states = torch.randn(1, 1, 12, 32, generator=generator)
+    cache.update(states, states, 0)
+    cache.crop(-3)
+    new = torch.randn(1, 1, 1, 32, generator=generator)
+    keys, _ = cache.update(new, new, 0)
+    assert keys.shape[2] == 10 and torch.equal(keys[:, :, 9:], new)
+    assert torch.equal(keys[:, :, 7:9], states[:, :, 7:9])  # exact: from the ring
+    relative = (keys[:, :, 5:7] - states[:, :, 5:7]).norm() / states[:, :, 5:7].norm()
+    assert relative < 0.2  # 4-bit reconstructions of tokens 5 and 6, not the ring's copies of 10 and 11
+
+
 def test_smollm2_compiled_greedy_tokens_equal_eager():
     """32 greedy tokens of SmolLM2-135M with the compiled static layout are the eager static layout's."""
     testing = pytest.importorskip("turboquant_hf.testing")

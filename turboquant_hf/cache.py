@@ -46,6 +46,14 @@ _GROWTH_FRACTION = 512
 _GROWTH_MIN_BLOCKS = 2
 
 
+def _length_to_keep(tokens_to_remove, length: int) -> int:
+    """crop's argument (tokens to remove if < 0, the length to keep if > 0, as DynamicLayer) -> a length in [0,
+    length]."""
+    tokens_to_remove = integer("tokens_to_remove", tokens_to_remove)
+    keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+    return min(max(keep, 0), length)
+
+
 def _grown_capacity(capacity: int, needed: int) -> int:
     grown = max(needed, capacity + max(capacity // _GROWTH_FRACTION, _GROWTH_MIN_BLOCKS * _GROWTH_BLOCK))
     return -(-grown // _GROWTH_BLOCK) * _GROWTH_BLOCK
@@ -243,13 +251,10 @@ class TurboQuantLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (a positive value is the length to keep), like DynamicLayer."""
-        tokens_to_remove = integer("tokens_to_remove", tokens_to_remove)
         length = self.get_seq_length()
-        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
-        if self.is_initialized and 0 <= keep < length:
+        keep = _length_to_keep(tokens_to_remove, length)
+        if self.is_initialized and keep < length:
             self.storage.crop(keep)
-        elif self.is_initialized and keep < 0:
-            self.storage.crop(0)
 
     def _map_batch(self, fn) -> None:
         if self.is_initialized:
@@ -380,17 +385,16 @@ class StaticTurboQuantLayer(TurboQuantLayer):
 
     def _eager_update(self, key_states, value_states, attention_kwargs, packed):
         storage, n = self.storage, key_states.shape[-2]
-        length, ring_floor = (int(value) for value in self.lengths.tolist())  # eager: one host read per call
+        length, ring_floor = self.lengths.tolist()  # eager: one host read per call
         if length + n > self.max_cache_len:
             raise ValueError(f"{length} cached + {n} new tokens exceed this TurboQuantCache's max_cache_len="
                              f"{self.max_cache_len}; nothing was written")
         window_start = max(length - self.residual_length, ring_floor, 0)
         past = storage.past(window_start)
+        shown = storage.past(0) if packed else past  # the attention reads a packed past itself
         window_keys, window_values = storage.ordered_ring(window_start, length)
-        empty = storage.past(0)
-        returned = (dense_states(past[0] if not packed else empty[0], storage.key_quantizer, window_keys, key_states),
-                    dense_states(past[1] if not packed else empty[1], storage.value_quantizer, window_values,
-                                 value_states))
+        returned = (dense_states(shown[0], storage.key_quantizer, window_keys, key_states),
+                    dense_states(shown[1], storage.value_quantizer, window_values, value_states))
         if attention_kwargs is not None:
             attention_kwargs["turboquant_past"] = (
                 CompressedPast(*past, storage.key_quantizer, storage.value_quantizer) if packed else None)
@@ -435,17 +439,12 @@ class StaticTurboQuantLayer(TurboQuantLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Like ``TurboQuantLayer.crop``; the ring keeps what it still holds (its rows of later tokens are dropped)."""
-        tokens_to_remove = integer("tokens_to_remove", tokens_to_remove)
-        if not self.is_initialized:
-            return
-        length = int(self.lengths[0])
-        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
-        keep = min(max(keep, 0), length)
+        length, ring_floor = self.lengths.tolist() if self.is_initialized else (0, 0)
+        keep = _length_to_keep(tokens_to_remove, length)
         if keep < length:
             # The ring held tokens length - ring .. length - 1: those below keep are still there, and the tokens
             # written from keep on will be too.
-            self.lengths[1] = min(max(int(self.lengths[1]), length - self.ring), keep)
-            self.lengths[0] = keep
+            self.lengths.copy_(torch.tensor([keep, min(max(ring_floor, length - self.ring), keep)]))
 
     def _map_batch(self, fn) -> None:
         if self.is_initialized:

@@ -10,6 +10,7 @@ torch code that the compiler traces and fuses.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -21,6 +22,12 @@ from .quantizer import QuantizedTensor, TurboQuantizer, shared_quantizer
 def quantizer_spec(quantizer: TurboQuantizer) -> str:
     """``quantizer.spec`` as the string the op takes."""
     return json.dumps(quantizer.spec)
+
+
+@functools.lru_cache(maxsize=32)
+def _quantizer(spec: str) -> TurboQuantizer:
+    """The quantizer a spec string names (parsed once per spec; ``shared_quantizer`` shares the instance)."""
+    return shared_quantizer(*json.loads(spec))
 
 
 def _slots(packed: torch.Tensor, scales: torch.Tensor, quantizer: TurboQuantizer, dtype: torch.dtype
@@ -38,8 +45,7 @@ def static_decode_attention(
     fp32, the ring window (B, H, W, D) (W may be 0), length: int64 [cached tokens (the M new ones included), first
     position the ring holds].
     softcap 0 means none. Returns (B, Hq, M, D) in query.dtype (``kernels.decode_attention`` with ``length``)."""
-    key_quantizer = shared_quantizer(*json.loads(key_spec))
-    value_quantizer = shared_quantizer(*json.loads(value_spec))
+    key_quantizer, value_quantizer = _quantizer(key_spec), _quantizer(value_spec)
     window = window_keys.shape[2] > 0
     return decode_attention(
         query, _slots(key_packed, key_scales, key_quantizer, window_keys.dtype),
