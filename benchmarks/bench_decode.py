@@ -30,6 +30,10 @@ bandwidth of a large device-to-device copy measured at start ((read + written by
 max_memory_allocated over cache creation + prefill + decode, less the weights' bytes; cache GiB is what the cache
 object holds after decoding. A row is OOM when torch.OutOfMemoryError was raised (memory is freed and the run goes
 on); a config this machine cannot build is skipped with its reason.
+
+--profile N runs N more steps under torch.profiler (CUDA activity only, kernels inside CUDA graphs included) and
+prints, per row, the GPU time per step (the sum of its kernels' times: against the step time, how much of the step
+the GPU is busy) and the kernels that take most of it, per step; the JSON keeps the top 25 ("profile").
 """
 
 from __future__ import annotations
@@ -149,6 +153,32 @@ def cache_read_bytes(kind: str, cache, config, batch: int, tokens: int) -> int:
     return held_bytes(cache)
 
 
+def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """Run ``steps`` decode steps under torch.profiler: GPU ms per step and the top kernels (ms and launches per
+    step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            token = step(token)
+        synchronize(device)
+    kernels = [(event.key, getattr(event, "device_time_total", 0.0) / 1e3 / steps, event.count / steps)
+               for event in profiler.key_averages()]
+    kernels = sorted((kernel for kernel in kernels if kernel[1] > 0), key=lambda kernel: -kernel[1])
+    return {"gpu_ms_per_step": sum(kernel[1] for kernel in kernels),
+            "launches_per_step": sum(kernel[2] for kernel in kernels),
+            "top": [{"kernel": name[:160], "ms_per_step": ms, "launches_per_step": count}
+                    for name, ms, count in kernels[:25]]}
+
+
+def print_profile(row: dict) -> None:
+    profile = row["profile"]
+    print(f"  profile {row['config']} B={row['batch']} prompt={row['prompt']}: GPU busy {profile['gpu_ms_per_step']:.2f} "
+          f"ms of a {row['step_ms_median']:.2f} ms step, {profile['launches_per_step']:.0f} kernels per step")
+    for kernel in profile["top"][:12]:
+        print(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['launches_per_step']:<5.0f} {kernel['kernel'][:110]}")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
@@ -161,7 +191,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
     compiled = compiled and compiled_forward is not None
     device = model.device
     warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
-    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + MARGIN)
+    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + args.profile + MARGIN)
     model.set_attn_implementation(impl)
     cache_argument = cache_kwarg(model)
     step_forward = compiled_forward if compiled else model
@@ -200,6 +230,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
         synchronize(device)
         step_ms.append(1e3 * (time.perf_counter() - start))
 
+    profile = profile_steps(step, token, args.profile, device) if args.profile and device.type == "cuda" else None
     tokens = int(cache.get_seq_length())
     read = cache_read_bytes(read_kind, cache, model.config, batch, tokens)
     row = {
@@ -211,6 +242,8 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
                                       if device.type == "cuda" else None),
     }
     bytes_per_step = args.weights_read_bytes + read
+    if profile is not None:
+        row["profile"] = profile
     row.update(bytes_read_per_step=bytes_per_step, floor_ms=1e3 * bytes_per_step / args.bandwidth)
     row["measured_over_floor"] = row["step_ms_median"] / row["floor_ms"]
     del cache, ids, token
@@ -277,6 +310,8 @@ def main() -> None:
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
                         help="keep SDPA off its cuDNN backend, which builds a new plan on the host for each new KV "
                              "length (eager decode steps)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N more steps per row on CUDA: GPU time per step and the top kernels")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -326,6 +361,8 @@ def main() -> None:
                 free(device)
                 rows.append(row)
                 print(table_line(row), flush=True)
+                if "profile" in row:
+                    print_profile(row)
                 if args.out:
                     with open(args.out, "w") as handle:
                         json.dump({"machine": machine, "rows": rows}, handle, indent=1)

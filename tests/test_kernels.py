@@ -286,6 +286,24 @@ def test_encode_matches_torch(bits, dim, dtype, rotation, norm_correction):
     _check_encoding(storage, reference, x, quantizer, 6)
 
 
+@pytest.mark.parametrize("bits", (4, 3, 2))
+def test_encode_at_a_device_start_equals_an_int_start(bits):
+    """A tensor start (the static layout's device-side length, read in the kernel) writes the same slots as the int
+    start, in the kernel and in the torch twin (index_copy), and touches no other slot."""
+    quantizer = TurboQuantizer(64, bits, seed=5)
+    x = _randn(2, 2, 5, 64, seed=bits, dtype=torch.bfloat16)
+    start = torch.tensor([6, 0], dtype=torch.int64, device=x.device)  # [start, anything]: the first element counts
+    for encode in (encode_mod.encode_into_torch, encode_mod.encode_into_triton):
+        reference = _sentinel_storage(quantizer, 2, 2, 12)
+        storage = _clone(reference)
+        encode(x, quantizer, reference, 6)
+        encode(x, quantizer, storage, start)
+        for name in ("packed_indices", "scales"):
+            torch.testing.assert_close(getattr(storage, name), getattr(reference, name), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="int64"):
+        encode_mod.encode_into_torch(x, quantizer, storage, start.int())
+
+
 def test_encode_rejects_overflow():
     quantizer = TurboQuantizer(64, 4)
     storage = _sentinel_storage(quantizer, 1, 1, 8)

@@ -405,8 +405,7 @@ class StaticTurboQuantLayer(TurboQuantLayer):
 
     def _compiled_update(self, key_states, value_states, attention_kwargs, packed):
         storage, n = self.storage, key_states.shape[-2]
-        positions = self.lengths[0] + torch.arange(n, device=self.device)
-        storage.write_at(key_states, value_states, positions)
+        storage.write_at(key_states, value_states, self.lengths, self.specs)
         self.lengths[0] += n
         if packed:
             attention_kwargs["turboquant_past"] = StaticPast(storage.keys, storage.values, storage.window_keys,

@@ -113,16 +113,17 @@ class PackedKV:
         encode_into(key_states.detach(), self.key_quantizer, self.keys, start)
         encode_into(value_states.detach(), self.value_quantizer, self.values, start)
 
-    def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
-        """Static policy: encode (B, H, n, D) states into slots ``positions`` ((n,) int64 on the device) and copy the
-        newest min(n, ring) of them into their ring rows. Plain torch ops on device tensors: no host sync, traceable
-        by the compiler (the quantizer's torch path; for long prompts ``write`` with the kernels is faster)."""
-        for quantizer, slots, states in ((self.key_quantizer, self.keys, key_states),
-                                         (self.value_quantizer, self.values, value_states)):
-            encoded = quantizer.quantize(states.detach(), check_finite=False)
-            slots.packed_indices.index_copy_(2, positions, encoded.packed_indices)
-            slots.scales.index_copy_(2, positions, encoded.scales)
-        self.write_ring(key_states, value_states, positions)
+    def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, length: torch.Tensor,
+                 specs: tuple[str, str]) -> None:
+        """Static policy: encode (B, H, n, D) states into slots length[0] .. length[0] + n - 1 (length: int64 on the
+        device) and copy the newest min(n, ring) of them into their ring rows. No host sync; the compiler sees the
+        encode as one op per tensor (``ops.static_encode``; specs: the key and value quantizers' ``quantizer_spec``,
+        made once by the caller since the compiler does not trace ``json``)."""
+        from .ops import static_encode
+
+        for slots, states, spec in ((self.keys, key_states, specs[0]), (self.values, value_states, specs[1])):
+            static_encode(states.detach(), slots.packed_indices, slots.scales, length, spec)
+        self.write_ring(key_states, value_states, length[0] + torch.arange(key_states.shape[2], device=self.device))
 
     def write_ring(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
         """Copy the newest min(n, ring) of the (B, H, n, D) states (at ``positions``) into their ring rows."""

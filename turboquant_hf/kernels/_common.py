@@ -68,11 +68,13 @@ def sm_count(device: torch.device) -> int:
     return 2
 
 
-def row_launch(launch: dict, device: torch.device, dim: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for a kernel over rows of ``dim`` coordinates, from its per-device-type launch table
-    ({"cuda": {"elements", "num_warps"}, "cpu": ...}): elements / dim vectors per program, at least 16."""
+def row_launch(launch: dict, device: torch.device, dim: int, rows: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for a kernel over ``rows`` rows (per batch and head) of ``dim`` coordinates, from its
+    per-device-type launch table ({"cuda": {"elements", "num_warps"}, "cpu": ...}): elements / dim vectors per
+    program, fewer when there are fewer rows (a decode step's one token: a 64-row tile took 9.5 us per encode on an
+    H200, ``bench_decode.py --profile``), at least 16 (tensor-core dots)."""
     chosen = launch["cuda" if device.type == "cuda" else "cpu"]
-    return max(16, chosen["elements"] // dim), chosen["num_warps"]
+    return max(16, min(chosen["elements"] // dim, 1 << max(rows - 1, 0).bit_length())), chosen["num_warps"]
 
 
 @triton.jit

@@ -291,37 +291,45 @@ def _split_kernel(
     tl.store(part_sum_ptr + slot_rows, row_sum, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "split_len", "ring"])
 def _merge_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, rot_ptr,
     out_ptr, stride_ob, stride_oh, stride_om, stride_od,
-    kv_heads, group, n_queries, num_splits, padded_rows, rot_scale,
+    kv_heads, group, n_queries, num_splits, padded_rows, rot_scale, length_ptr, ring, split_len,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr, ROT_PIECES: tl.constexpr,
+    DEVICE_LENGTH: tl.constexpr,
 ):
     """Log-sum-exp merge of the partials of one (batch * kv head, row block), then out = merged @ R + residual
-    (rot_ptr: the fp16 pieces of R, times rot_scale)."""
+    (rot_ptr: the fp16 pieces of R, times rot_scale). DEVICE_LENGTH: only the splits that hold valid tokens (see
+    _split_kernel) are read; the others are empty."""
     pid_bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_valid = rows < group * n_queries
     dims = tl.arange(0, HEAD_DIM)
     first_slot = pid_bh.to(tl.int64) * (num_splits + 1)
-    row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for s in range(num_splits + 1):
+    active = num_splits
+    if DEVICE_LENGTH:
+        total = tl.load(length_ptr).to(tl.int32)
+        compressed_len = tl.maximum(tl.maximum(total - ring, tl.load(length_ptr + 1).to(tl.int32)), 0)
+        active = tl.minimum(tl.cdiv(compressed_len, split_len), num_splits)
+    residual_rows = (first_slot + num_splits) * padded_rows + rows
+    residual_max = tl.load(part_max_ptr + residual_rows, mask=row_valid, other=float("-inf"))
+    row_max = residual_max
+    for s in range(active):
         slot_max = tl.load(part_max_ptr + (first_slot + s) * padded_rows + rows, mask=row_valid, other=float("-inf"))
         row_max = tl.maximum(row_max, slot_max)
     # Rows that attended to nothing keep max -inf: subtract 0 there so exp gives 0, not NaN.
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     row_sum = tl.zeros((BLOCK_R,), tl.float32)
     merged = tl.zeros((BLOCK_R, HEAD_DIM), tl.float32)
-    for s in range(num_splits):
+    for s in range(active):
         slot_rows = (first_slot + s) * padded_rows + rows
         weight = tl.exp(tl.load(part_max_ptr + slot_rows, mask=row_valid, other=float("-inf")) - safe_max)
         row_sum += weight * tl.load(part_sum_ptr + slot_rows, mask=row_valid, other=0.0)
         slot_out = tl.load(part_out_ptr + slot_rows[:, None] * HEAD_DIM + dims[None, :], mask=row_valid[:, None],
                            other=0.0)
         merged += weight[:, None] * slot_out
-    residual_rows = (first_slot + num_splits) * padded_rows + rows
-    residual_weight = tl.exp(tl.load(part_max_ptr + residual_rows, mask=row_valid, other=float("-inf")) - safe_max)
+    residual_weight = tl.exp(residual_max - safe_max)
     row_sum += residual_weight * tl.load(part_sum_ptr + residual_rows, mask=row_valid, other=0.0)
     # A row that attended to nothing (every key masked) has sum 0 and gives 0, like the torch twin.
     inverse_sum = 1.0 / tl.where(row_sum > 0, row_sum, 1.0)
@@ -615,8 +623,9 @@ def decode_attention_triton(
         part_out, part_max, part_sum, value_operands.unrotate,
         out, *out.stride(),
         kv_heads, group, n_queries, splits, padded_rows, value_operands.unrotate_scale,
+        query if length is None else length, 0 if length is None else residual_len, split_len,
         HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=value_operands.unrotate.shape[0],
-        num_warps=4,
+        DEVICE_LENGTH=length is not None, num_warps=4,
     )
     return out
 

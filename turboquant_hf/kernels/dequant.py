@@ -145,7 +145,7 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
         return None
     device = out.device
     operands = kernel_state(quantizer, device)
-    block_m, num_warps = row_launch(_LAUNCH, device, quantizer.dim)
+    block_m, num_warps = row_launch(_LAUNCH, device, quantizer.dim, n_tokens)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _dequant_kernel[grid](
         q.packed_indices, *q.packed_indices.stride(),

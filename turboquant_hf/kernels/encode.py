@@ -69,10 +69,14 @@ def _encode_kernel(
     rot_ptr, boundaries_ptr, centroids_ptr,
     packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
     scales_ptr, stride_sb, stride_sh, stride_sn,
-    heads, n_tokens, start, rot_scale,
+    heads, n_tokens, start, start_ptr, rot_scale,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
-    ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr,
+    ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr, DEVICE_START: tl.constexpr,
 ):
+    """Rows [start, start + n_tokens) of one (batch, head); DEVICE_START: start is read from start_ptr (int64), so
+    a CUDA graph replays the launch as the cache grows."""
+    if DEVICE_START:
+        start = tl.load(start_ptr)
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
@@ -115,7 +119,7 @@ def _encode_kernel(
     tl.store(scales_ptr + b * stride_sb + h * stride_sh + slot * stride_sn, scales, mask=row_valid)
 
 
-def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int | torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[-1] != quantizer.dim:
         raise ValueError(f"x must be (batch, heads, n, dim={quantizer.dim}), got {tuple(x.shape)}")
     if (storage.dim, storage.mse_bits, storage.qjl_signs is not None) != (quantizer.dim, quantizer.mse_bits,
@@ -125,26 +129,38 @@ def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
     if len(capacity) != 3 or tuple(capacity[:2]) != tuple(x.shape[:2]):
         raise ValueError(f"storage leading shape must be (batch, heads, capacity) = ({x.shape[0]}, {x.shape[1]}, "
                          f"capacity), got {tuple(capacity)}")
-    if start < 0 or start + x.shape[2] > capacity[2]:
+    if isinstance(start, torch.Tensor):  # read on the device: the caller keeps start + n within the capacity
+        if start.dtype != torch.int64 or start.device != x.device or start.numel() < 1:
+            raise ValueError(f"a tensor start must be int64 on {x.device} with the start as its first element, got "
+                             f"{start.dtype} {tuple(start.shape)} on {start.device}")
+    elif start < 0 or start + x.shape[2] > capacity[2]:
         raise ValueError(f"start={start} + n={x.shape[2]} exceeds the storage capacity {capacity[2]}")
 
 
-def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
+                      start: int | torch.Tensor) -> None:
     """Write the encoding of x into storage[:, :, start:start + n] (torch reference).
 
     x: (batch, heads, n, dim) fp16/bf16/fp32; storage: QuantizedTensor with leading shape
-    (batch, heads, capacity), written in place.
+    (batch, heads, capacity), written in place. start: an int, or an int64 tensor on x.device whose first element
+    is the start (read on the device: no host sync, and no capacity check).
     """
     _check(x, quantizer, storage, start)
     encoded = quantizer.quantize(x, check_finite=False)
-    stop = start + x.shape[2]
+    if isinstance(start, torch.Tensor):
+        positions = start.reshape(-1)[0] + torch.arange(x.shape[2], device=x.device)
     for name in ("packed_indices", "scales", "qjl_signs", "residual_norms"):
         source = getattr(encoded, name)
-        if source is not None:
-            getattr(storage, name)[:, :, start:stop].copy_(source)
+        if source is None:
+            continue
+        if isinstance(start, torch.Tensor):
+            getattr(storage, name).index_copy_(2, positions, source)
+        else:
+            getattr(storage, name)[:, :, start:start + x.shape[2]].copy_(source)
 
 
-def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
+                       start: int | torch.Tensor) -> None:
     """Same contract as ``encode_into_torch`` (ValueError for QJL quantizers and head dims that are not a power of
     two >= 16, which ``encode_into`` sends to the torch twin)."""
     check_supported("encode", quantizer)
@@ -154,22 +170,24 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
         return None
     operands, state = kernel_state(quantizer, x.device), quantizer.state(x.device)
     packed, scales = storage.packed_indices, storage.scales
-    block_m, num_warps = row_launch(_LAUNCH, x.device, dim)
+    device_start = isinstance(start, torch.Tensor)
+    block_m, num_warps = row_launch(_LAUNCH, x.device, dim, n_tokens)
     grid = (cdiv(n_tokens, block_m), batch * heads)
     _encode_kernel[grid](
         x, *x.stride(),
         operands.rotate, state.boundaries, state.centroids,
         packed, *packed.stride(),
         scales, *scales.stride(),
-        heads, n_tokens, start, operands.rotate_scale,
+        heads, n_tokens, *((0, start) if device_start else (start, scales)), operands.rotate_scale,
         HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
         ROT_PIECES=operands.rotate.shape[0],
-        NORM_CORRECTION=quantizer.norm_correction, num_warps=num_warps,
+        NORM_CORRECTION=quantizer.norm_correction, DEVICE_START=device_start, num_warps=num_warps,
     )
     return None
 
 
-def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int) -> None:
+def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
+                start: int | torch.Tensor) -> None:
     """Encode x (batch, heads, n, dim) into storage[:, :, start:start + n] with the backend for x.device."""
     run = encode_into_triton if use_triton(x.device, "encode", quantizer) else encode_into_torch
     return run(x, quantizer, storage, start)
