@@ -392,19 +392,10 @@ def _prepare_mask(attention_mask: torch.Tensor, batch: int, q_heads: int, n_quer
 
 
 def decode_attention_torch(
-    query: torch.Tensor,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
-    key_quantizer: TurboQuantizer,
-    value_quantizer: TurboQuantizer,
-    residual_keys: torch.Tensor | None,
-    residual_values: torch.Tensor | None,
-    *,
-    scale: float,
-    softcap: float | None = None,
-    attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None,
-) -> torch.Tensor:
+    query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
+    scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of M new query tokens over compressed + dense keys/values (torch reference).
 
     query: (batch, q_heads, M, head_dim) fp16/bf16/fp32; keys, values: QuantizedTensor with leading shape
@@ -533,19 +524,10 @@ def _num_splits(compressed_len: int, programs: int, block_n: int, waves: int, de
 
 
 def decode_attention_triton(
-    query: torch.Tensor,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
-    key_quantizer: TurboQuantizer,
-    value_quantizer: TurboQuantizer,
-    residual_keys: torch.Tensor | None,
-    residual_values: torch.Tensor | None,
-    *,
-    scale: float,
-    softcap: float | None = None,
-    attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None,
-) -> torch.Tensor:
+    query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
+    scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence; with ``length``, the
     splits cover every slot and those past the valid tokens do nothing: one launch shape for a whole generation).
 
@@ -631,19 +613,10 @@ def decode_attention_triton(
 
 
 def decode_attention(
-    query: torch.Tensor,
-    keys: QuantizedTensor,
-    values: QuantizedTensor,
-    key_quantizer: TurboQuantizer,
-    value_quantizer: TurboQuantizer,
-    residual_keys: torch.Tensor | None,
-    residual_values: torch.Tensor | None,
-    *,
-    scale: float,
-    softcap: float | None = None,
-    attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None,
-) -> torch.Tensor:
+    query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
+    value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
+    scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
+    length: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a compressed cache with the backend for query.device (see decode_attention_torch)."""
     fused = use_triton(query.device, "decode attention", key_quantizer, value_quantizer)
     run = decode_attention_triton if fused else decode_attention_torch
