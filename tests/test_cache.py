@@ -320,9 +320,10 @@ def test_offloading_with_max_cache_len_is_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
-def test_offloaded_layer_keeps_one_pinned_host_copy_and_copies_only_new_rows(llama, prompt):
+def test_offloaded_layer_keeps_one_pinned_host_copy(llama, prompt, tmp_path):
     """On CUDA: the slots live in pinned host memory between uses, the same buffers step after step (nothing is
-    reallocated while the capacity holds); save and copy of an offloaded cache hold what the on-device one holds."""
+    reallocated while the capacity holds); copy, deepcopy and save of an offloaded cache hold what the on-device one
+    holds, and a copy decodes as it does."""
     model = copy.deepcopy(llama).cuda()
     ids = prompt.cuda()
     cache = TurboQuantCache(bits=4, residual_length=0, offloading=True)
@@ -336,11 +337,14 @@ def test_offloaded_layer_keeps_one_pinned_host_copy_and_copies_only_new_rows(lla
         model(token, past_key_values=cache)
         model(token, past_key_values=reference)
     assert layer._host_slots[0].packed_indices.data_ptr() == host
-    for index, (offloaded, resident) in enumerate(zip(cache.copy().layers, reference.layers)):
-        offloaded.wait_for_prefetch()
-        for got, expected in zip(offloaded.storage.past(), resident.storage.past()):
-            assert torch.equal(got.packed_indices.cpu(), expected.packed_indices.cpu()), index
-            assert torch.equal(got.scales.cpu(), expected.scales.cpu()), index
+    for duplicate in (cache.copy(), copy.deepcopy(cache), TurboQuantCache.load(cache.save(tmp_path / "cache"))):
+        for index, (offloaded, resident) in enumerate(zip(duplicate.layers, reference.layers)):
+            offloaded.wait_for_prefetch()
+            for got, expected in zip(offloaded.storage.past(), resident.storage.past()):
+                assert torch.equal(got.packed_indices.cpu(), expected.packed_indices.cpu()), index
+                assert torch.equal(got.scales.cpu(), expected.scales.cpu()), index
+    torch.testing.assert_close(model(token, past_key_values=cache.copy()).logits,
+                               model(token, past_key_values=reference).logits, rtol=0, atol=0)
 
 
 CUDA_CPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,

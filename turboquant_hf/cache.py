@@ -339,6 +339,12 @@ class TurboQuantLayer(DynamicLayer):
             torch.cuda.current_stream(self.device).wait_event(self._fetched)
             self._fetched = None
 
+    def __getstate__(self) -> dict:
+        """What pickle and deepcopy copy: the layer at rest (a prefetch in flight is waited for: its CUDA event
+        cannot be copied)."""
+        self.wait_for_prefetch()
+        return self.__dict__.copy()
+
     def _await_slots(self) -> None:
         """The slots on the device, ready for the current stream (prefetched now if nobody did)."""
         if self.is_offloaded:
