@@ -185,9 +185,10 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 @torch.no_grad()
-def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward) -> dict:
-    """One row: prefill a random prompt, decode, time each step. Raises OutOfMemoryError, Unavailable."""
-    impl, compiled, read_kind, make_cache = CONFIGS[name]
+def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward, configs: dict = CONFIGS) -> dict:
+    """One row: prefill a random prompt, decode, time each step (``configs[name]``, see CONFIGS). Raises
+    OutOfMemoryError, Unavailable."""
+    impl, compiled, read_kind, make_cache = configs[name]
     compiled = compiled and compiled_forward is not None
     device = model.device
     warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
@@ -256,12 +257,32 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def measured_row(model, name: str, batch: int, prompt: int, args, compiled_forward, configs: dict = CONFIGS) -> dict:
+    """``run_config``'s row, or the row marked skipped / oom / error (one config's failure must not cost the other
+    rows); memory is freed after each."""
+    row = {"config": name, "batch": batch, "prompt": prompt}
+    try:
+        row.update(run_config(model, name, batch, prompt, args, compiled_forward, configs))
+    except Unavailable as error:
+        row["skipped"] = str(error)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    except Exception as error:
+        if "out of memory" in str(error).lower():  # an OOM that compiled code wrapped in its own error
+            row["oom"] = True
+        else:
+            traceback.print_exc()
+            row["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    free(model.device)
+    return row
+
+
 HEADER = ("| config | B | prompt | step ms median | p90 | floor ms | measured/floor | read GiB/step | "
           "peak beyond weights GiB | cache GiB | prefill s | 1st step s | note |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def table_line(row: dict) -> str:
+def table_line(row: dict, configs: dict = CONFIGS) -> str:
     cells = [row["config"], str(row["batch"]), str(row["prompt"])]
     if "step_ms_median" not in row:
         note = "OOM" if row.get("oom") else row.get("skipped") or row.get("error", "")
@@ -271,7 +292,7 @@ def table_line(row: dict) -> str:
               f"{row['measured_over_floor']:.2f}", f"{row['bytes_read_per_step'] / 2**30:.4g}",
               "-" if peak is None else f"{peak / 2**30:.2f}", f"{row['cache_bytes'] / 2**30:.4g}",
               f"{row['prefill_s']:.2f}", f"{row['first_step_s']:.2f}", "" if row["compiled"] or
-              not CONFIGS[row["config"]][1] else "not compiled (--no-compile)"]
+              not configs[row["config"]][1] else "not compiled (--no-compile)"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -288,6 +309,22 @@ def machine_info(device: torch.device) -> dict:
             "transformers": transformers.__version__, "turboquant_hf": turboquant_hf.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled()}
+
+
+def prepared_model(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """(the random model of --layers / --hidden on ``device``, the machine's description), printed; sets
+    args.weights_bytes, args.weights_read_bytes and args.bandwidth, which ``run_config`` reads."""
+    machine = machine_info(device)
+    model = build_model(args.layers, device.type, model_config(args.layers, args.hidden))
+    args.weights_bytes, args.weights_read_bytes = weight_bytes(model)
+    args.bandwidth = copy_bandwidth(device)
+    machine.update(copy_bandwidth_gb_s=args.bandwidth / 1e9, weights_bytes=args.weights_bytes,
+                   weights_read_bytes=args.weights_read_bytes, layers=args.layers, hidden=args.hidden)
+    for key in ("command", "device", "torch", "cuda", "triton", "transformers", "turboquant_hf", "python", "cudnn_sdpa"):
+        print(f"{key}: {machine[key]}")
+    print(f"copy bandwidth: {args.bandwidth / 1e9:.0f} GB/s; weights {args.weights_bytes / 2**30:.2f} GiB, "
+          f"read per step {args.weights_read_bytes / 2**30:.2f} GiB", flush=True)
+    return model, machine
 
 
 def main() -> None:
@@ -320,16 +357,7 @@ def main() -> None:
 
     if args.no_cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    machine = machine_info(device)
-    model = build_model(args.layers, device.type, model_config(args.layers, args.hidden))
-    args.weights_bytes, args.weights_read_bytes = weight_bytes(model)
-    args.bandwidth = copy_bandwidth(device)
-    machine.update(copy_bandwidth_gb_s=args.bandwidth / 1e9, weights_bytes=args.weights_bytes,
-                   weights_read_bytes=args.weights_read_bytes, layers=args.layers, hidden=args.hidden)
-    for key in ("command", "device", "torch", "cuda", "triton", "transformers", "turboquant_hf", "python", "cudnn_sdpa"):
-        print(f"{key}: {machine[key]}")
-    print(f"copy bandwidth: {args.bandwidth / 1e9:.0f} GB/s; weights {args.weights_bytes / 2**30:.2f} GiB, "
-          f"read per step {args.weights_read_bytes / 2**30:.2f} GiB", flush=True)
+    model, machine = prepared_model(args, device)
 
     compiled_forward = None
     if not args.no_compile and any(CONFIGS[name][1] for name in args.configs):
@@ -345,20 +373,7 @@ def main() -> None:
     for batch in args.batch:
         for prompt in args.prompt:
             for name in args.configs:
-                row = {"config": name, "batch": batch, "prompt": prompt}
-                try:
-                    row.update(run_config(model, name, batch, prompt, args, compiled_forward))
-                except Unavailable as error:
-                    row["skipped"] = str(error)
-                except torch.OutOfMemoryError:
-                    row["oom"] = True
-                except Exception as error:  # one config's failure must not cost the other rows
-                    if "out of memory" in str(error).lower():  # an OOM that compiled code wrapped in its own error
-                        row["oom"] = True
-                    else:
-                        traceback.print_exc()
-                        row["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-                free(device)
+                row = measured_row(model, name, batch, prompt, args, compiled_forward)
                 rows.append(row)
                 print(table_line(row), flush=True)
                 if "profile" in row:

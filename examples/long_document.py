@@ -52,6 +52,21 @@ def prompt_parts(tokenizer, max_tokens: int) -> tuple[torch.Tensor, str]:
     return tokenizer(head, add_special_tokens=False, return_tensors="pt")["input_ids"], _QUESTION_SLOT + tail
 
 
+def ask(model, tokenizer, cache: TurboQuantCache, prefix: torch.Tensor, follow: str, question: str,
+        max_new_tokens: int) -> dict:
+    """Greedy answer to ``question`` after the document that ``cache`` holds (``prefix``, ``follow``: from
+    ``prompt_parts``): {"question", "answer", "seconds"}. Generates from ``cache.copy()``, so ``cache`` keeps the
+    document alone for the next question; only the question's tokens go through the model."""
+    question_ids = tokenizer(follow.replace(_QUESTION_SLOT, f"Question: {question}"), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"]
+    ids = torch.cat([prefix, question_ids], dim=1)
+    start = time.perf_counter()
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache.copy()},
+                            max_new_tokens=max_new_tokens, do_sample=False)
+    text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return {"question": question, "answer": text, "seconds": time.perf_counter() - start}
+
+
 def encode(args) -> dict:
     """Step 1: prefill the document, save the cache, run step 2 in a fresh process."""
     model, tokenizer = load_smollm2()
@@ -98,16 +113,8 @@ def answer(args) -> dict:
           f"({saved:.1f} s saved each time the document is reused)\n")
     answers = []
     for question in QUESTIONS:
-        question_ids = tokenizer(follow.replace(_QUESTION_SLOT, f"Question: {question}"), add_special_tokens=False,
-                                 return_tensors="pt")["input_ids"]
-        ids = torch.cat([prefix, question_ids], dim=1)
-        start = time.perf_counter()
-        # cache.copy(): the next question starts again from the document alone, not after this answer.
-        output = model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache.copy()},
-                                max_new_tokens=args.max_new_tokens, do_sample=False)
-        text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        answers.append({"question": question, "answer": text, "seconds": time.perf_counter() - start})
-        print(f"Q: {question}\nA: {text}  ({answers[-1]['seconds']:.1f} s)\n")
+        answers.append(ask(model, tokenizer, cache, prefix, follow, question, args.max_new_tokens))
+        print(f"Q: {question}\nA: {answers[-1]['answer']}  ({answers[-1]['seconds']:.1f} s)\n")
     result = {"load_s": load_s, "saved_s": saved, "answers": answers}
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(result))

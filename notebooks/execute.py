@@ -3,8 +3,8 @@
     python notebooks/execute.py                                # every notebook of this folder
     python notebooks/execute.py notebooks/02_how_turboquant_works.ipynb
 
-Edit a notebook in Jupyter (or any editor), then run this and commit the .ipynb: the four take about
-three minutes on 2 CPU cores. Cells run with notebooks/ as the working directory, as tests/test_notebooks.py
+Edit a notebook in Jupyter (or any editor), then run this and commit the .ipynb: the five take about
+five minutes on 2 CPU cores. Cells run with notebooks/ as the working directory, as tests/test_notebooks.py
 runs them.
 """
 

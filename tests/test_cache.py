@@ -233,13 +233,118 @@ def test_left_padded_batch_matches_dynamic(llama):
     assert torch.isfinite(llama(ids, attention_mask=mask, past_key_values=TurboQuantCache(bits=2, residual_length=0)).logits).all()
 
 
-def test_offloading_keeps_outputs(llama, prompt):
-    if not torch.cuda.is_available():
-        pytest.skip("transformers' offloading moves layers between CUDA and CPU")
-    model = copy.deepcopy(llama).cuda()  # not llama.cuda(): that would move the shared fixture
-    expected = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0))
-    got = greedy(model, prompt.cuda(), TurboQuantCache(bits=4, residual_length=0, offloading=True))
+# ------------------------------------------------------------------------------------------ offloading
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs CUDA")])
+
+
+def logits_with_crop_and_reorder(model, ids, cache, steps=3):
+    """Last-position logits (batch, vocab) of a prefill and greedy steps, then a crop of 2 tokens, a reorder of the
+    batch (reversed) and more steps: every cache operation offloading must carry through."""
+    logits = [model(ids, past_key_values=cache).logits[:, -1]]
+
+    def decode():
+        for _ in range(steps):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+
+    decode()
+    cache.crop(-2)
+    cache.reorder_cache(torch.arange(ids.shape[0] - 1, -1, -1, device=ids.device))
+    logits[-1] = logits[-1].flip(0)
+    decode()
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("residual_length", [0, 4])
+@torch.no_grad()
+def test_offloading_gives_the_same_logits(llama, prompt, device, batch, residual_length):
+    """offloading=True: the same logits as without, through crop and reorder (on the CPU it is a no-op)."""
+    model = copy.deepcopy(llama).to(device)  # not llama.to(): that would move the shared fixture
+    ids = prompt[:batch].to(device)
+    expected = logits_with_crop_and_reorder(model, ids, TurboQuantCache(bits=4, residual_length=residual_length))
+    cache = TurboQuantCache(bits=4, residual_length=residual_length, offloading=True)
+    got = logits_with_crop_and_reorder(model, ids, cache)
     assert torch.equal(got, expected)
+    # Between forwards only layer 0 (prefetched for the next one) holds its slots on the device.
+    assert [layer.is_offloaded for layer in cache.layers] == [False, device == "cuda"]
+    assert torch.equal(greedy(model, ids, TurboQuantCache(bits=4, residual_length=residual_length, offloading=True)),
+                       greedy(model, ids, TurboQuantCache(bits=4, residual_length=residual_length)))
+
+
+def test_copy_slots_to_copies_the_rows_written_since_the_last_copy():
+    """PackedKV.copy_slots_to against a full copy: appended rows, rows rewritten after a crop, every row after a
+    reorder; rows not written since are left alone (a poisoned host row stays poisoned)."""
+    layer = TurboQuantLayer(4, 4, residual_length=0)  # every update compresses all its tokens
+    layer.update(*random_states(tokens=10, seed=1))
+    storage = layer.storage
+    host = tuple(slots._map(torch.zeros_like) for slots in (storage.keys, storage.values))
+
+    def poison_synced_rows():
+        for tensor in (*host[0].tensors(), *host[1].tensors()):
+            tensor[:, :, :storage.synced_rows] = 7
+
+    def assert_rows_match(rows: slice):
+        for kept, slots in zip(host, storage.past()):
+            for kept_tensor, tensor in zip(kept.tensors(), slots.tensors()):
+                assert torch.equal(kept_tensor[:, :, rows], tensor[:, :, rows])
+
+    assert storage.copy_slots_to(*host, fresh=True)
+    assert_rows_match(slice(0, 10))
+    assert not storage.copy_slots_to(*host)  # nothing written since
+    poison_synced_rows()
+    layer.update(*random_states(tokens=5, seed=2))
+    assert storage.copy_slots_to(*host)
+    assert_rows_match(slice(10, 15))
+    assert (host[0].scales[:, :, :10] == 7).all()
+    layer.crop(7)
+    layer.update(*random_states(tokens=6, seed=3))  # rows 7..12 rewritten
+    poison_synced_rows()
+    assert storage.copy_slots_to(*host)
+    assert_rows_match(slice(7, 13))
+    assert (host[0].scales[:, :, :7] == 7).all()
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert storage.copy_slots_to(*host)
+    assert_rows_match(slice(0, 13))
+    layer.update(*random_states(tokens=200, seed=4))  # the slots grow: a host copy of the old shape is refused
+    with pytest.raises(ValueError, match="keys must be slots of leading shape"):
+        storage.copy_slots_to(*host)
+
+
+def test_offloading_with_max_cache_len_is_refused():
+    with pytest.raises(ValueError, match="offloading with max_cache_len is not supported"):
+        TurboQuantCache(max_cache_len=64, offloading=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_offloaded_layer_keeps_one_pinned_host_copy(llama, prompt, tmp_path):
+    """On CUDA: the slots live in pinned host memory between uses, the same buffers step after step (nothing is
+    reallocated while the capacity holds); copy, deepcopy and save of an offloaded cache hold what the on-device one
+    holds, and a copy decodes as it does."""
+    model = copy.deepcopy(llama).cuda()
+    ids = prompt.cuda()
+    cache = TurboQuantCache(bits=4, residual_length=0, offloading=True)
+    reference = TurboQuantCache(bits=4, residual_length=0)
+    token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    model(ids, past_key_values=reference)
+    layer = cache.layers[1]
+    assert layer.is_offloaded and layer.storage.keys.packed_indices.is_pinned()
+    host = layer._host_slots[0].packed_indices.data_ptr()
+    for _ in range(3):
+        model(token, past_key_values=cache)
+        model(token, past_key_values=reference)
+    assert layer._host_slots[0].packed_indices.data_ptr() == host
+    for duplicate in (cache.copy(), copy.deepcopy(cache), TurboQuantCache.load(cache.save(tmp_path / "cache"))):
+        for index, (offloaded, resident) in enumerate(zip(duplicate.layers, reference.layers)):
+            offloaded.wait_for_prefetch()
+            for got, expected in zip(offloaded.storage.past(), resident.storage.past()):
+                assert torch.equal(got.packed_indices.cpu(), expected.packed_indices.cpu()), index
+                assert torch.equal(got.scales.cpu(), expected.scales.cpu()), index
+    torch.testing.assert_close(model(token, past_key_values=cache.copy()).logits,
+                               model(token, past_key_values=reference).logits, rtol=0, atol=0)
 
 
 CUDA_CPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,

