@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import pickle
 import types
 from types import SimpleNamespace
 
@@ -221,6 +222,18 @@ def test_reset_and_deepcopy(llama, prompt):
     cache.reset()
     assert cache.get_seq_length() == 0
     assert torch.equal(greedy(llama, prompt, cache), first)
+
+
+def test_offloaded_cache_deepcopies_and_pickles(llama, prompt):
+    """transformers gives an offloading cache a prefetch stream, which cannot be pickled: the copy gets its own (the
+    H200 run of test_offloaded_layer_keeps_one_pinned_host_copy failed on this before)."""
+    cache = TurboQuantCache(bits=4, residual_length=0, offloading=True)
+    greedy(llama, prompt, cache)
+    for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert clone.prefetch_stream is not cache.prefetch_stream
+        assert clone.get_seq_length() == cache.get_seq_length()
+        assert torch.equal(clone.layers[0].storage.past()[0].packed_indices,
+                           cache.layers[0].storage.past()[0].packed_indices)
 
 
 def test_left_padded_batch_matches_dynamic(llama):

@@ -701,6 +701,18 @@ class TurboQuantCache(Cache):
         return self.max_cache_len is not None and all(layer.is_compileable for layer in self.layers)
 
     # ---------------------------------------------------------------------- keep and reuse (persist.py)
+    def __getstate__(self) -> dict:
+        """What pickle and deepcopy copy: everything but transformers' prefetch stream (offloading), which cannot be
+        copied; ``__setstate__`` gives the copy a stream of its own."""
+        state = self.__dict__.copy()
+        state.pop("prefetch_stream", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.offloading:
+            self.prefetch_stream = torch.Stream()
+
     def save(self, path) -> Any:
         """Write the cache to ``path``: one safetensors file, written atomically; returns the ``pathlib.Path``."""
         from .persist import save
