@@ -236,6 +236,66 @@ def test_offloaded_cache_deepcopies_and_pickles(llama, prompt):
                            cache.layers[0].storage.past()[0].packed_indices)
 
 
+# ------------------------------------------------------------------------------------------ sinks
+def test_sinks_hold_the_first_tokens_exactly():
+    layer = TurboQuantLayer(4, 4, residual_length=2, settings=TurboQuantConfig(residual_length=2, sink_tokens=3)
+                            .for_layer(None))
+    keys, values = random_states(tokens=10, seed=3)
+    layer.update(keys[:, :, :2], values[:, :, :2])
+    for token in range(2, 10):
+        layer.update(keys[:, :, token:token + 1], values[:, :, token:token + 1])
+    storage = layer.storage
+    assert storage.sink_length == 3 and storage.length + storage.window_length == 7 and storage.length > 0
+    assert torch.equal(storage.sink_keys, keys[:, :, :3]) and torch.equal(storage.sink_values, values[:, :, :3])
+    dense_keys, _ = layer.update(*random_states(tokens=1, seed=4))
+    assert torch.equal(dense_keys[:, :, :3], keys[:, :, :3])  # position order: sinks, packed, window, new
+    assert torch.equal(dense_keys[:, :, 8:10], keys[:, :, 8:10])
+    layer.crop(2)  # inside the sinks: the slots and the window go
+    assert (storage.sink_length, storage.length, storage.window_length) == (2, 0, 0) and layer.get_seq_length() == 2
+
+
+def test_sinks_covering_every_token_equal_dynamic_cache(llama, prompt):
+    expected = greedy(llama, prompt, DynamicCache())
+    assert torch.equal(greedy(llama, prompt, TurboQuantCache(bits=2, residual_length=0, sink_tokens=64)), expected)
+
+
+@pytest.mark.parametrize("residual_length", [0, 3])
+def test_sinks_fused_attention_equals_the_dense_path(llama, residual_length):
+    """The fused kernel reads the sinks with the window (after the packed tokens, the padding mask's columns moved
+    with them): logits as the dequantize-then-SDPA path, with left padding, steps past the sinks, and a crop."""
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    def run(attention):
+        llama.set_attn_implementation(attention)
+        cache = TurboQuantCache(bits=3, residual_length=residual_length, sink_tokens=4)
+        with torch.no_grad():
+            logits = [llama(ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache).logits]
+            for token in range(9, 20):
+                if token == 15:
+                    cache.crop(12)
+                    logits.append(llama(ids[:, 12:15], attention_mask=mask[:, :15], past_key_values=cache).logits)
+                logits.append(llama(ids[:, token:token + 1], attention_mask=mask[:, :token + 1],
+                                    past_key_values=cache).logits)
+        return torch.cat(logits, dim=1)
+
+    try:
+        dense, fused = run("sdpa"), run("turboquant")
+    finally:
+        llama.set_attn_implementation("sdpa")
+    torch.testing.assert_close(fused, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_sink_tokens_are_validated():
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
+        TurboQuantCache(sink_tokens=-1)
+    with pytest.raises(TypeError, match="sink_tokens must be an int"):
+        TurboQuantConfig(sink_tokens=2.0)
+    with pytest.raises(ValueError, match="static layout .* does not support sink_tokens"):
+        TurboQuantCache(max_cache_len=16, config=TurboQuantConfig(layer_overrides={0: {"sink_tokens": 4}}))
+
+
 def test_left_padded_batch_matches_dynamic(llama):
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)

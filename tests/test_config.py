@@ -49,7 +49,7 @@ def test_from_dict_refuses_unknown_fields():
 
 
 def test_layer_settings_are_the_documented_ones():
-    assert set(LAYER_SETTINGS) == {"key_bits", "value_bits", "qjl", "residual_length", "norm_correction"}
+    assert set(LAYER_SETTINGS) == {"key_bits", "value_bits", "qjl", "residual_length", "sink_tokens", "norm_correction"}
 
 
 def test_cache_long_form_applies_overrides_per_layer_and_reports_the_config():

@@ -69,7 +69,8 @@ def valid_bytes(cache: TurboQuantCache) -> int:
         if getattr(layer, "storage", None) is not None:
             length = layer.storage.length if not hasattr(layer, "lengths") else int(layer.lengths[0])
             keys, values = layer.storage.past(length)
-            windows = (layer.storage.window_keys, layer.storage.window_values)
+            windows = (layer.storage.window_keys, layer.storage.window_values, layer.storage.sink_keys,
+                       layer.storage.sink_values)
             total += keys.nbytes + values.nbytes + sum(t.numel() * t.element_size() for t in windows)
         elif getattr(layer, "keys", None) is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
@@ -79,11 +80,12 @@ def valid_bytes(cache: TurboQuantCache) -> int:
 # ----------------------------------------------------------------------------------- same as recomputing
 @pytest.mark.parametrize("attention", ["sdpa", "turboquant"])
 @pytest.mark.parametrize("bits", [4, 3])
-@pytest.mark.parametrize("residual_length", [0, 8])
+@pytest.mark.parametrize("residual_length, sink_tokens", [(0, 0), (8, 0), (0, 5)])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_copy_and_file_continue_like_a_recomputed_prefix(llama, tmp_path, batch, residual_length, bits, attention):
+def test_copy_and_file_continue_like_a_recomputed_prefix(llama, tmp_path, batch, residual_length, sink_tokens, bits,
+                                                         attention):
     llama.set_attn_implementation(attention)
-    settings = dict(bits=bits, residual_length=residual_length)
+    settings = dict(bits=bits, residual_length=residual_length, sink_tokens=sink_tokens)
     prefix = token_ids(batch, PREFIX, seed=1)
     question_a = torch.cat([prefix, token_ids(batch, CONTINUATION, seed=2)], dim=1)
     question_b = torch.cat([prefix, token_ids(batch, CONTINUATION, seed=3)], dim=1)

@@ -55,6 +55,16 @@ def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
                                                             enable_gqa=True)
 
 
+def _sinks_after_packed(attention_mask: torch.Tensor | None, sinks: int, packed: int) -> torch.Tensor | None:
+    """A (B, 1, M, >= L) mask in position order (sinks, packed, window) -> columns in the kernel's order (packed,
+    sinks, window). Sinks come first in position, so with the window's M >= query tokens after them, the kernel's
+    causal rule (a residual row r sits at position packed + r) still lets every query see every sink."""
+    if attention_mask is None:
+        return None
+    return torch.cat([attention_mask[..., sinks:sinks + packed], attention_mask[..., :sinks],
+                      attention_mask[..., sinks + packed:]], dim=-1)
+
+
 def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          softcap: float | None = None, turboquant_layer: TurboQuantLayer | None = None,
@@ -88,12 +98,16 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             float(scale), float(softcap or 0.0))
         return out.transpose(1, 2).contiguous(), None
     if past is not None and past.length and fusable:
+        if past.sink_keys is not None:  # the kernel reads them with the window, after the packed tokens
+            key, value = torch.cat([past.sink_keys, key], dim=2), torch.cat([past.sink_values, value], dim=2)
+            attention_mask = _sinks_after_packed(attention_mask, past.sink_keys.shape[2], past.length)
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
                                scale=scale, softcap=softcap, attention_mask=attention_mask)
     else:
-        if past is not None and past.length:  # the past is needed dense: dequantize it into a transient tensor
-            key = dense_states(past.keys, past.key_quantizer, key)
-            value = dense_states(past.values, past.value_quantizer, value)
+        if past is not None and (past.length or past.sink_keys is not None):
+            # The past is needed dense: the sinks and the dequantized packed tokens, in a transient tensor.
+            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys)
+            value = dense_states(past.values, past.value_quantizer, value, prefix=past.sink_values)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
     return out.transpose(1, 2).contiguous(), None
 

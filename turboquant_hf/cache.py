@@ -75,16 +75,19 @@ def _check_new_states(key_states: torch.Tensor, value_states: torch.Tensor) -> N
 class CompressedPast:
     """What the fused attention reads besides the dense states: the packed past of one layer.
 
-    keys, values: QuantizedTensor views with leading shape (B, H, Np), the oldest Np cached tokens.
+    keys, values: QuantizedTensor views with leading shape (B, H, Np), the Np cached tokens after the sinks.
     """
 
     keys: QuantizedTensor
     values: QuantizedTensor
     key_quantizer: TurboQuantizer
     value_quantizer: TurboQuantizer
+    sink_keys: torch.Tensor | None = None  # (B, H, s, D): the sinks, tokens 0 .. s - 1, exact (None: no sinks)
+    sink_values: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
+        """Packed tokens (the sinks not counted)."""
         return self.keys.scales.shape[-1]
 
 
@@ -161,7 +164,8 @@ class TurboQuantLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _check_new_states(key_states, value_states)
-        self.storage = PackedKV(*self._quantizers(key_states, value_states), key_states, value_states)
+        self.storage = PackedKV(*self._quantizers(key_states, value_states), key_states, value_states,
+                                sinks=self.settings.sink_tokens)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -227,8 +231,10 @@ class TurboQuantLayer(DynamicLayer):
 
     def compressed_past(self) -> CompressedPast:
         """The packed past as it is now (views, no copy), for an attention that reads it packed."""
-        keys, values = self.storage.past()
-        return CompressedPast(keys, values, self.storage.key_quantizer, self.storage.value_quantizer)
+        storage = self.storage
+        keys, values = storage.past()
+        sinks = (storage.sink_keys, storage.sink_values) if storage.sink_length else (None, None)
+        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, *sinks)
 
     def serve_packed(self, config: PretrainedConfig) -> None:
         """Leave the packed past out of later updates' returned states (and hand it over as ``turboquant_past``)
@@ -245,7 +251,7 @@ class TurboQuantLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.storage.length + self.storage.window_length
+        return self.storage.tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -555,8 +561,8 @@ class TurboQuantCache(Cache):
     transformers < 5.23, still accepted).
 
     Args:
-        bits, key_bits, value_bits, qjl, residual_length, rotation, seed, norm_correction: the settings, as in
-            ``TurboQuantConfig`` (the short form).
+        bits, key_bits, value_bits, qjl, residual_length, sink_tokens, rotation, seed, norm_correction: the
+            settings, as in ``TurboQuantConfig`` (the short form).
         config: a ``TurboQuantConfig`` (the long form: then leave the settings above at their defaults), or, as
             before, the model's config (same as ``model_config``).
         model_config: the model config. With it, sliding-window layers (Mistral, Gemma2/3, Qwen2 with
@@ -576,11 +582,12 @@ class TurboQuantCache(Cache):
     """
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
-                 qjl: bool = False, residual_length: int = 128, rotation: str = "hadamard", seed: int = 0,
-                 norm_correction: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
+                 qjl: bool = False, residual_length: int = 128, sink_tokens: int = 0, rotation: str = "hadamard",
+                 seed: int = 0, norm_correction: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
                  model_config: PretrainedConfig | None = None, offloading: bool = False,
                  max_cache_len: int | None = None, max_batch_size: int | None = None):
         settings = dict(bits=bits, key_bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
+                        sink_tokens=sink_tokens,
                         rotation=rotation, seed=seed, norm_correction=norm_correction)
         if isinstance(config, PretrainedConfig):
             if model_config is not None:
@@ -605,8 +612,10 @@ class TurboQuantCache(Cache):
             max_cache_len = integer("max_cache_len", max_cache_len)
             if max_cache_len < 1:
                 raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len}")
-            if config.qjl or any(settings.get("qjl") for settings in config.layer_overrides.values()):
-                raise ValueError("the static layout (max_cache_len=) does not support qjl=True")
+            for name in ("qjl", "sink_tokens"):
+                if getattr(config, name) or any(settings.get(name) for settings in config.layer_overrides.values()):
+                    raise ValueError(f"the static layout (max_cache_len=) does not support {name} (set it to its "
+                                     f"default, {_DEFAULTS[name]!r}, or use the dynamic layout)")
             if offloading:
                 raise ValueError(_STATIC_OFFLOADING)
         if max_batch_size is not None:
@@ -759,7 +768,8 @@ class TurboQuantCache(Cache):
                 batch, heads, _, dim = storage.window_keys.shape
                 entry.update(tokens=layer.get_seq_length(), compressed_bytes=layer.nbytes(),
                              dense_bytes=2 * layer.get_seq_length() * batch * heads * dim
-                             * storage.window_keys.element_size(), window_tokens=storage.window_length)
+                             * storage.window_keys.element_size(), window_tokens=storage.window_length,
+                             sink_tokens=storage.sink_length)
                 for quantizer in (storage.key_quantizer, storage.value_quantizer):
                     quantizers[id(quantizer)] = quantizer
             elif isinstance(layer, CacheLayerMixin) and layer.is_initialized and not isinstance(layer, TurboQuantLayer):

@@ -11,7 +11,7 @@ from .lloyd_max import SUPPORTED_BITS
 from .rotation import ROTATIONS
 
 # Settings a per-layer override may change (the rotation and seed are shared by every layer).
-LAYER_SETTINGS = ("key_bits", "value_bits", "qjl", "residual_length", "norm_correction")
+LAYER_SETTINGS = ("key_bits", "value_bits", "qjl", "residual_length", "sink_tokens", "norm_correction")
 _MAX_SEED = 2**63  # torch.Generator.manual_seed takes seeds below 2**64; keep them in int64 range
 
 
@@ -49,6 +49,7 @@ class LayerSettings:
     norm_correction: bool
     rotation: str
     seed: int
+    sink_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class TurboQuantConfig:
         key_bits, value_bits: override ``bits`` for keys / values (None: ``bits``).
         qjl: spend one key bit on the QJL residual stage (unbiased scores; needs key bits 2-4). Values stay MSE.
         residual_length: newest tokens per layer kept in full precision (0: compress every token).
+        sink_tokens: oldest tokens per layer kept in full precision (the "attention sinks" that draw much of the
+            attention mass; 0: none). Dynamic layout only.
         rotation: "hadamard" (randomized Hadamard; dense Haar for head dims that are not powers of two) or "dense".
         seed: seeds the rotation and the QJL projection, an int in [0, 2**63).
         norm_correction: store ||x|| / ||c[i]|| so reconstructions keep their length (not applied to QJL keys).
@@ -75,6 +78,7 @@ class TurboQuantConfig:
     value_bits: int | None = None
     qjl: bool = False
     residual_length: int = 128
+    sink_tokens: int = 0
     rotation: str = "hadamard"
     seed: int = 0
     norm_correction: bool = True
@@ -89,6 +93,7 @@ class TurboQuantConfig:
         set_("qjl", _flag("qjl", self.qjl))
         set_("norm_correction", _flag("norm_correction", self.norm_correction))
         set_("residual_length", _residual_length("residual_length", self.residual_length))
+        set_("sink_tokens", _residual_length("sink_tokens", self.sink_tokens))
         if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         seed = integer("seed", self.seed)
@@ -126,6 +131,7 @@ class TurboQuantConfig:
         return LayerSettings(
             key_bits=key_bits, value_bits=_bits("value_bits" + where, values["value_bits"]), qjl=qjl,
             residual_length=_residual_length("residual_length" + where, values["residual_length"]),
+            sink_tokens=_residual_length("sink_tokens" + where, values["sink_tokens"]),
             norm_correction=_flag("norm_correction" + where, values["norm_correction"]),
             rotation=self.rotation, seed=self.seed,
         )
@@ -148,6 +154,7 @@ class TurboQuantConfig:
 
 
 def _residual_length(name: str, value: Any) -> int:
+    """A token count (residual_length, sink_tokens): an int >= 0."""
     length = integer(name, value)
     if length < 0:
         raise ValueError(f"{name} must be an int >= 0, got {length}")

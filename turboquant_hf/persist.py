@@ -103,6 +103,9 @@ def _save_layer(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[st
                         tensors[f"{prefix}{name}.{field}"] = tensor[:, :, :length]
             tensors[prefix + "window_keys"] = storage.window_keys
             tensors[prefix + "window_values"] = storage.window_values
+            if storage.sink_length:
+                tensors[prefix + "sink_keys"] = storage.sink_keys
+                tensors[prefix + "sink_values"] = storage.sink_values
             if isinstance(layer, StaticTurboQuantLayer):
                 tensors[prefix + "lengths"] = layer.lengths
     record["state"] = _save_plain_state(layer, prefix + "state.", tensors)
@@ -281,6 +284,12 @@ def _load_compressed(layer, record: dict, prefix: str, tensors: dict[str, torch.
     else:
         storage.window_keys, storage.window_values = window_keys.to(device), window_values.to(device)
         storage.length = length
+        if prefix + "sink_keys" in tensors:
+            sink_keys, sink_values = tensors[prefix + "sink_keys"], tensors[prefix + "sink_values"]
+            if sink_keys.shape[-2] > storage.sinks or sink_keys.shape[:2] != window_keys.shape[:2]:
+                raise ValueError(f"{prefix}sink_keys of shape {tuple(sink_keys.shape)} do not fit this layer "
+                                 f"(sink_tokens={storage.sinks}, batch and heads {tuple(window_keys.shape[:2])})")
+            storage.sink_keys, storage.sink_values = sink_keys.to(device), sink_values.to(device)
 
 
 def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -390,6 +399,7 @@ def _copy_layer(layer):
         else:
             storage.keys, storage.values = (slots._map(_clone) for slots in storage.past())
         storage.window_keys, storage.window_values = _clone(storage.window_keys), _clone(storage.window_values)
+        storage.sink_keys, storage.sink_values = _clone(storage.sink_keys), _clone(storage.sink_values)
         duplicate.storage = storage
         if isinstance(layer, StaticTurboQuantLayer):  # fixed addresses, as lazy_initialization marks them
             for tensor in (*storage.tensors(), duplicate.lengths):

@@ -30,20 +30,27 @@ def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int
     )
 
 
-def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch.Tensor) -> torch.Tensor:
-    """``past`` (leading shape (B, H, Np)) dequantized, then ``parts`` ((B, H, n_i, D) each) along the token axis: one
-    new (B, H, Np + sum n_i, D) tensor in ``parts[-1].dtype``, each piece written in place (no concatenation)."""
+def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch.Tensor,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``prefix`` ((B, H, s, D) or None: the sink tokens), then ``past`` (leading shape (B, H, Np)) dequantized, then
+    ``parts`` ((B, H, n_i, D) each) along the token axis: one new (B, H, s + Np + sum n_i, D) tensor in
+    ``parts[-1].dtype``, each piece written in place (no concatenation)."""
     from .kernels import dequantize_into
 
     batch, heads, _, dim = parts[-1].shape
+    pieces = (past, *parts) if prefix is None else (prefix, past, *parts)
     past_length = past.scales.shape[-1]
-    dense = parts[-1].new_empty((batch, heads, past_length + sum(part.shape[-2] for part in parts), dim))
-    if past_length:
-        dequantize_into(past, quantizer, dense[:, :, :past_length])
-    start = past_length
-    for part in parts:
-        dense[:, :, start:start + part.shape[-2]] = part
-        start += part.shape[-2]
+    dense = parts[-1].new_empty((batch, heads, past_length + sum(piece.shape[-2] for piece in pieces
+                                                                 if piece is not past), dim))
+    start = 0
+    for piece in pieces:
+        if piece is past:
+            if past_length:
+                dequantize_into(past, quantizer, dense[:, :, start:start + past_length])
+            start += past_length
+        else:
+            dense[:, :, start:start + piece.shape[-2]] = piece
+            start += piece.shape[-2]
     return dense
 
 
@@ -52,9 +59,11 @@ class PackedKV:
 
     keys, values: QuantizedTensor storage with leading shape (B, H, capacity).
     window_keys, window_values: (B, H, r, D) in the model dtype, tokens in full precision.
+    sink_keys, sink_values: (B, H, s, D) in the model dtype, the oldest s <= ``sinks`` tokens in full precision.
 
-    Two policies use it. Dynamic (``TurboQuantLayer``): slots [0, length) hold the oldest ``length`` tokens, the
-    window the next r tokens; ``push_window`` / ``flush`` / ``reserve`` move tokens along. Static
+    Two policies use it. Dynamic (``TurboQuantLayer``): the first ``sinks`` tokens stay exact as sinks, slots
+    [0, length) hold the next ``length`` tokens, the window the newest r; ``push_window`` / ``flush`` / ``reserve``
+    move tokens along (a flush fills the sinks before the slots). Static
     (``StaticTurboQuantLayer``, ``ring`` given): every slot is allocated and zeroed up front, every token is encoded
     into its slot when written (``write_at``), and the window is a ring of ``ring`` rows (token p at row p % ring)
     holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
@@ -62,7 +71,7 @@ class PackedKV:
     """
 
     def __init__(self, key_quantizer: TurboQuantizer, value_quantizer: TurboQuantizer, key_states: torch.Tensor,
-                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None):
+                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None, sinks: int = 0):
         batch, heads = key_states.shape[:2]
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -71,13 +80,16 @@ class PackedKV:
         self.values = empty_slots(value_quantizer, batch, heads, capacity, self.dtype, self.device, fill)
         self.window_keys = key_states.new_zeros((batch, heads, ring or 0, key_states.shape[-1]))
         self.window_values = value_states.new_zeros((batch, heads, ring or 0, value_states.shape[-1]))
+        self.sinks = sinks
+        self.sink_keys, self.sink_values = self.window_keys[:, :, :0].clone(), self.window_values[:, :, :0].clone()
         self.length = 0
         # Slot rows [0, synced_rows) are unchanged since the last ``copy_slots_to`` (``write`` and ``map_batch`` lower
         # it; the static layout, which is never offloaded, does not keep it up to date).
         self.synced_rows = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values]
+        return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values, self.sink_keys,
+                self.sink_values]
 
     # ------------------------------------------------------------------------------------------- sizes
     @property
@@ -88,8 +100,17 @@ class PackedKV:
     def window_length(self) -> int:
         return self.window_keys.shape[-2]
 
+    @property
+    def sink_length(self) -> int:
+        return self.sink_keys.shape[-2]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held: sinks, slots and window."""
+        return self.sink_length + self.length + self.window_length
+
     def nbytes(self) -> int:
-        """Bytes of every tensor held: slots (spare capacity included) and the window."""
+        """Bytes of every tensor held: slots (spare capacity included), the window and the sinks."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     # ----------------------------------------------------------------------------------- read and write
@@ -172,23 +193,36 @@ class PackedKV:
         self.window_values = torch.cat([self.window_values, value_states.detach()], dim=-2)
 
     def flush(self, count: int) -> None:
-        """Compress the oldest ``count`` window tokens into slots [length, length + count) (reserve them first)."""
-        self.write(self.window_keys[:, :, :count], self.window_values[:, :, :count], self.length)
-        self.length += count
+        """Move the oldest ``count`` window tokens out of the window: into the sinks while they hold fewer than
+        ``sinks``, the rest compressed into slots [length, length + ...) (reserve them first)."""
+        to_sinks = min(count, self.sinks - self.sink_length)
+        if to_sinks > 0:
+            self.sink_keys = torch.cat([self.sink_keys, self.window_keys[:, :, :to_sinks]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, self.window_values[:, :, :to_sinks]], dim=-2)
+        to_slots = count - max(to_sinks, 0)
+        if to_slots:
+            self.write(self.window_keys[:, :, count - to_slots:count], self.window_values[:, :, count - to_slots:count],
+                       self.length)
+            self.length += to_slots
         # Clone the kept part: a view would keep the flushed tokens' dense memory alive.
         self.window_keys = self.window_keys[:, :, count:].clone()
         self.window_values = self.window_values[:, :, count:].clone()
 
     def dense(self, key_states: torch.Tensor, value_states: torch.Tensor, *, with_past: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Dequantized past ++, if ``with_past``) window ++ the given (B, H, n, D) states, in their dtype."""
+        """(If ``with_past``, the sinks ++ the dequantized past ++) window ++ the given (B, H, n, D) states, in their
+        dtype."""
         keys, values = self.past(self.length if with_past else 0)
-        return (dense_states(keys, self.key_quantizer, self.window_keys, key_states),
-                dense_states(values, self.value_quantizer, self.window_values, value_states))
+        sink_keys, sink_values = (self.sink_keys, self.sink_values) if with_past and self.sink_length else (None, None)
+        return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys),
+                dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values))
 
     # ------------------------------------------------------------------------------------ cache operations
     def crop(self, length: int) -> None:
-        """Keep the oldest ``length`` tokens (packed and window). Exact: each token is encoded on its own."""
+        """Keep the oldest ``length`` tokens (sinks, packed and window). Exact: each token is encoded on its own."""
+        if length < self.sink_length:
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :length], self.sink_values[:, :, :length]
+        length -= self.sink_length
         if length <= self.length:
             self.length = length
             self.window_keys = self.window_keys[:, :, :0]
@@ -208,3 +242,4 @@ class PackedKV:
             return
         self.keys, self.values = self.keys._map(fn), self.values._map(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
