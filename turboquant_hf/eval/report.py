@@ -184,7 +184,8 @@ def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def _family(spec: str) -> str:
+def spec_family(spec: str) -> str:
+    """The legend group of a spec label: "tq3:residual=128" -> "TurboQuant", "hqq-int4" -> "HQQ", ..."""
     name = spec.split(":")[0]
     if name.startswith(("tq", "k")) and name != "dynamic":
         return "TurboQuant (QJL keys)" if name.endswith("-qjl") else "TurboQuant"
@@ -202,12 +203,12 @@ def plot(result: dict, path: str | Path) -> None:
     if not rows:
         raise ValueError("--plot needs perplexity rows (delta_ppl_pct and bytes_per_token)")
     texts = list(dict.fromkeys(r.get("text") for r in rows))
-    families = list(dict.fromkeys(_family(r["spec"]) for r in rows))
+    families = list(dict.fromkeys(spec_family(r["spec"]) for r in rows))
     markers = "osD^v<>P*X"
     colors = plt.get_cmap("tab10")
     figure, axis = plt.subplots(figsize=(9, 6))
     for row in rows:
-        family, text = _family(row["spec"]), row.get("text")
+        family, text = spec_family(row["spec"]), row.get("text")
         axis.scatter(row["bytes_per_token"], row["delta_ppl_pct"], color=colors(families.index(family) % 10),
                      marker=markers[texts.index(text) % len(markers)], s=40)
         axis.annotate(row["spec"], (row["bytes_per_token"], row["delta_ppl_pct"]), fontsize=7,
