@@ -585,6 +585,18 @@ def test_cli_ppl_json_markdown_plot(model_dir, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_frontier_script_reads_ppl_results(model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "frontier.png"
+    assert main(["ppl", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "48", "--prefill", "16",
+                 "--chunk", "8", "--caches", "dynamic,tq4,tq2:residual=8", "--json", str(out_json), "--quiet"]) == 0
+    script = ROOT / "benchmarks" / "plot_frontier.py"
+    done = subprocess.run([sys.executable, str(script), str(out_json), "--out", str(out_png)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_generate_needle_speed_report(model_dir, tmp_path, capsys):
     common = ["--model", str(model_dir), "--device", "cpu", "--quiet"]
     gen_json, ppl_json = tmp_path / "g.json", tmp_path / "p.json"
