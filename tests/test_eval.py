@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from turboquant_hf.eval import agreement, commands, footprint, perplexity, report, specs
+from turboquant_hf.eval import agreement, commands, divergence, footprint, perplexity, report, specs
 from turboquant_hf.eval.__main__ import build_parser, main
 from turboquant_hf.eval.loading import PROSE_TEXT, forward, read_text, scale_rope
 from turboquant_hf.eval.specs import CacheSpec, make_cache, parse_cache_spec, parse_cache_specs
@@ -118,6 +118,97 @@ def test_turboquant_8bit_is_near_lossless_and_2bit_is_not(model, input_ids):
 
     assert delta("tq8") < 0.5
     assert delta("tq2") > delta("tq8")
+
+
+# ------------------------------------------------------------------------- KL divergence, top-1 agreement
+def _scored(model, input_ids, cache, prefill, chunk, observer):
+    return perplexity.nlls_through_cache(model, input_ids, cache, prefill, chunk, False, observe=observer)
+
+
+def _divergence(model, input_ids, cache, budget_bytes=divergence.DENSE_BUDGET_BYTES, prefill=16, chunk=8):
+    dense = divergence.DenseDistributions(input_ids.shape[1] - prefill - 1, budget_bytes)
+    _scored(model, input_ids, DynamicCache(config=model.config), prefill, chunk, dense)
+    meter = divergence.Divergence(dense)
+    _scored(model, input_ids, cache, prefill, chunk, meter)
+    return meter.result()
+
+
+# 320 tokens x 47 positions x 4 bytes fit 60,160 bytes; 60,000 do not: the top 159 tokens are kept.
+@pytest.mark.parametrize("budget_bytes, exact", [(divergence.DENSE_BUDGET_BYTES, True), (60_000, False)])
+def test_cache_equal_to_dense_has_kld_0_and_agreement_1(model, input_ids, budget_bytes, exact):
+    result = _divergence(model, input_ids, DynamicCache(config=model.config), budget_bytes)
+    assert result["kld"] == 0.0 and result["kld_max"] == 0.0 and result["top1_agreement"] == 1.0
+    assert result["kld_exact"] is exact
+    assert result["kld_kept_tokens"] == (320 if exact else 60_000 // (47 * 8))
+    assert (result["dense_tail_mass_mean"] == 0.0) is exact
+
+
+def test_kld_of_a_corrupting_cache_is_large_and_8_bits_beat_2(model, input_ids):
+    noisy = _divergence(model, input_ids, NoisyCache(config=model.config))
+    assert noisy["kld"] > 0.1 and noisy["top1_agreement"] < 0.9
+    pytest.importorskip("turboquant_hf.cache")
+    eight = _divergence(model, input_ids, make_cache(parse_cache_spec("tq8"), model.config))
+    two = _divergence(model, input_ids, make_cache(parse_cache_spec("tq2"), model.config))
+    assert 0.0 < eight["kld"] < 1e-3 < two["kld"]
+    assert eight["top1_agreement"] >= two["top1_agreement"]
+
+
+def _closed_form_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """sum_v p log(p / q) per row, with p and q softmaxes taken in float64: (positions,) float64."""
+    p = p_logits.double().exp() / p_logits.double().exp().sum(-1, keepdim=True)
+    q = q_logits.double().exp() / q_logits.double().exp().sum(-1, keepdim=True)
+    return (p * (p / q).log()).sum(-1)
+
+
+def test_kl_per_position_matches_the_float64_closed_form():
+    generator = torch.Generator().manual_seed(0)
+    dense_logits = 3 * torch.randn(6, 7, generator=generator)
+    cache_logits = dense_logits + 0.5 * torch.randn(6, 7, generator=generator)
+    # A hand-checked row: p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3).
+    two_dense, two_cache = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3.0)]])
+    for dense, cache in ((dense_logits, cache_logits), (two_dense, two_cache)):
+        recorder = divergence.DenseDistributions(positions=dense.shape[0])
+        recorder(dense)
+        log_probs, token_ids, tail, _ = recorder.chunks[0]
+        kl = divergence.kl_per_position(log_probs, tail, token_ids, cache)
+        torch.testing.assert_close(kl, _closed_form_kl(dense, cache), rtol=1e-5, atol=1e-7)
+    assert math.isclose(kl.item(), 0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel_tol=1e-6)
+
+
+def test_kl_over_the_dense_top_k_is_the_coarse_grained_kl_a_lower_bound():
+    generator = torch.Generator().manual_seed(1)
+    dense_logits = 2 * torch.randn(5, 50, generator=generator)
+    cache_logits = dense_logits + 0.3 * torch.randn(5, 50, generator=generator)
+    keep = 10
+    recorder = divergence.DenseDistributions(positions=5, budget_bytes=5 * keep * 8)
+    recorder(dense_logits)
+    assert recorder.keep == keep and not recorder.exact
+    log_probs, token_ids, tail, _ = recorder.chunks[0]
+    kl = divergence.kl_per_position(log_probs, tail, token_ids, cache_logits)
+    # Independent reference: fold each distribution to its dense top-10 tokens plus one bucket, in float64.
+    top = dense_logits.double().topk(keep, dim=-1).indices
+    p = torch.softmax(dense_logits.double(), -1)
+    q = torch.softmax(cache_logits.double(), -1)
+    p_folded = torch.cat([p.gather(1, top), 1 - p.gather(1, top).sum(1, keepdim=True)], 1)
+    q_folded = torch.cat([q.gather(1, top), 1 - q.gather(1, top).sum(1, keepdim=True)], 1)
+    folded = (p_folded * (p_folded / q_folded).log()).sum(1)
+    torch.testing.assert_close(kl, folded, rtol=1e-5, atol=1e-7)
+    assert (kl <= _closed_form_kl(dense_logits, cache_logits) + 1e-7).all()
+
+
+def test_divergence_needs_the_dense_chunking(model, input_ids):
+    dense = divergence.DenseDistributions(input_ids.shape[1] - 16 - 1)
+    _scored(model, input_ids, DynamicCache(config=model.config), 16, 8, dense)
+    with pytest.raises(ValueError, match="positions, the dense one"):
+        _scored(model, input_ids, DynamicCache(config=model.config), 16, 4, divergence.Divergence(dense))
+    short = divergence.Divergence(dense)
+    _scored(model, input_ids[:, :-7], DynamicCache(config=model.config), 16, 8, short)
+    with pytest.raises(ValueError, match="scored 5 of the dense run's 6 chunks"):
+        short.result()
+    whole = divergence.Divergence(dense)
+    _scored(model, input_ids, DynamicCache(config=model.config), 16, 8, whole)
+    with pytest.raises(ValueError, match="no dense counterpart"):
+        whole(torch.zeros(8, 320))
 
 
 def test_lengths_are_checked(model, input_ids):
@@ -462,7 +553,7 @@ def test_cli_ppl_json_markdown_plot(model_dir, tmp_path, capsys):
                  "--plot", str(out_png), "--quiet"])
     assert code == 0
     terminal = capsys.readouterr().out
-    assert "ΔPPL %" in terminal and BASELINE in terminal
+    assert "ΔPPL %" in terminal and "KLD nats" in terminal and BASELINE in terminal
     result = json.loads(out_json.read_text())
     _check_common_schema(result, "ppl")
     settings = result["settings"]
@@ -481,12 +572,28 @@ def test_cli_ppl_json_markdown_plot(model_dir, tmp_path, capsys):
                 "cached_tokens", "bytes_per_token", "compression", "seconds"} <= set(row)
         assert row["scored_tokens"] == 80 - 16 - 1 and row["cached_tokens"] == 79
         assert math.isclose(row["ppl"], math.exp(row["nll_mean"]))
+        assert row["kld_exact"] and 0.0 <= row["kld"] <= row["kld_max"] and 0.0 <= row["top1_agreement"] <= 1.0
     assert rows["dynamic"]["delta_ppl_pct"] == 0.0 and rows["dynamic"]["bytes_per_token"] == 2 * HEAD_DIM * 4
+    assert rows["dynamic"]["kld"] == 0.0 and rows["dynamic"]["top1_agreement"] == 1.0
+    assert rows[BASELINE]["kld"] > 0.0
     # fp8 of fp32 states: 1 byte of 4 plus scales (TQ4 here also counts its 64 KiB rotation state over 79 tokens).
     assert rows[BASELINE]["bytes_per_token"] < rows["dynamic"]["bytes_per_token"] / (3.5 if HAS_FP8 else 1)
     markdown = out_md.read_text()
-    assert "Command: `python -m turboquant_hf.eval ppl" in markdown and "| cache | PPL | ΔPPL % |" in markdown
+    assert "Command: `python -m turboquant_hf.eval ppl" in markdown
+    assert "| cache | PPL | ΔPPL % | 95% CI | KLD nats | top-1 agree |" in markdown
     assert "| dynamic |" in markdown and "Machine: " in markdown
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_frontier_script_reads_ppl_results(model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "frontier.png"
+    assert main(["ppl", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "48", "--prefill", "16",
+                 "--chunk", "8", "--caches", "dynamic,tq4,tq2:residual=8", "--json", str(out_json), "--quiet"]) == 0
+    script = ROOT / "benchmarks" / "plot_frontier.py"
+    done = subprocess.run([sys.executable, str(script), str(out_json), "--out", str(out_png)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

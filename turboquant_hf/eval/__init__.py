@@ -4,6 +4,7 @@ Command line: ``python -m turboquant_hf.eval {ppl,needle,generate,speed,report} 
 as ``turboquant-eval``). The pieces are plain functions over a model, token ids and a cache:
 
     perplexity.nlls_through_cache   teacher-forced NLLs with the past read from the cache
+    divergence.DenseDistributions   the dense next-token distributions; divergence.Divergence: KLD, top-1
     agreement.greedy_decode         greedy tokens through a cache; agreement.compare
     needle.build_trials / run_trial needle in a haystack
     speed.measure                   prefill / decode tokens/s, memory

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import agreement, needle, perplexity, report, speed
+from . import agreement, divergence, needle, perplexity, report, speed
 from .footprint import bytes_per_token
 from .loading import has_weights, load_model, read_text, resolve_device, resolve_dtype
 from .specs import CacheSpec, make_cache
@@ -135,11 +135,15 @@ def run_ppl(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
         texts.append(_text_info(path, input_ids.numel()))
         input_ids = input_ids[None].to(device)
         reference, reference_bytes = None, None
+        # The dense run's distributions, recorded once per text; every other cache is scored against them.
+        dense = divergence.DenseDistributions(positions=input_ids.numel() - args.prefill - 1)
         for spec in tqdm(specs, desc=f"ppl {path.name}", disable=not progress):
             spec_started = time.perf_counter()
             cache = make_cache(spec, model.config)
+            observer = dense if spec == DYNAMIC else divergence.Divergence(dense)
             try:
-                nlls = perplexity.nlls_through_cache(model, input_ids, cache, args.prefill, args.chunk, progress)
+                nlls = perplexity.nlls_through_cache(model, input_ids, cache, args.prefill, args.chunk, progress,
+                                                     observe=observer)
             except Exception as error:
                 if spec == DYNAMIC:
                     raise
@@ -151,15 +155,18 @@ def run_ppl(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
                 checks.append({"text": path.name,
                                **perplexity.sanity_check(model, input_ids, nlls, args.prefill)})
             delta = perplexity.Delta.between(nlls, reference)
+            # The dense row is the reference itself: KL 0 and full agreement by definition.
+            distance = (divergence.Divergence.of_reference(dense) if spec == DYNAMIC else observer.result())
             rows.append({
                 "text": path.name, "spec": spec.label, "ppl": perplexity.perplexity(nlls),
-                "delta_ppl_pct": delta.percent, "delta_ppl_ci95": list(delta.ci95),
+                "delta_ppl_pct": delta.percent, "delta_ppl_ci95": list(delta.ci95), **distance,
                 "nll_mean": nlls.double().mean().item(), "scored_tokens": nlls.numel(), **footprint,
                 "compression": reference_bytes / footprint["bytes_per_token"],
                 "memory_report": _memory_report(cache), "seconds": time.perf_counter() - spec_started,
             })
             if not args.quiet:
                 tqdm.write(f"{path.name} {spec.label}: PPL {rows[-1]['ppl']:.4f} ({delta.percent:+.2f}%), "
+                           f"KLD {distance['kld']:.4f}, top-1 {distance['top1_agreement']:.3f}, "
                            f"{footprint['bytes_per_token']:.1f} B/token, {rows[-1]['seconds']:.0f} s")
             del cache
     settings = _settings(args, model, device, max_tokens=args.max_tokens, prefill=args.prefill, chunk=args.chunk,

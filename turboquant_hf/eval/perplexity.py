@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -32,10 +34,12 @@ def check_lengths(tokens: int, prefill: int, chunk: int) -> None:
 
 @torch.inference_mode()
 def nlls_through_cache(model, input_ids: torch.Tensor, cache, prefill: int, chunk: int,
-                       progress: bool = True) -> torch.Tensor:
+                       progress: bool = True, observe: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """input_ids: (1, n) long -> (n - prefill - 1,) float32 NLLs of tokens prefill+1 .. n-1.
 
-    The cache is filled in place and holds n - 1 tokens afterwards.
+    The cache is filled in place and holds n - 1 tokens afterwards. ``observe``, if given, is called with
+    each chunk's logits, (chunk positions, vocab) float32, in order: e.g. a ``divergence.DenseDistributions``
+    or ``divergence.Divergence``, which read the whole next-token distribution, not only the NLL.
     """
     tokens = input_ids.shape[1]
     check_lengths(tokens, prefill, chunk)
@@ -45,6 +49,8 @@ def nlls_through_cache(model, input_ids: torch.Tensor, cache, prefill: int, chun
     for start in tqdm(starts, desc="chunks", leave=False, disable=not progress):
         stop = min(start + chunk, tokens - 1)
         logits = forward(model, input_ids[:, start:stop], cache).logits[0].float()
+        if observe is not None:
+            observe(logits)
         nlls.append(F.cross_entropy(logits, input_ids[0, start + 1:stop + 1], reduction="none"))
     return torch.cat(nlls).cpu()
 

@@ -36,6 +36,7 @@ def _fmt_ci(ci) -> str:
 COLUMNS = {
     "ppl": [("text", "text", "{}"), ("spec", "cache", "{}"), ("ppl", "PPL", "{:.4f}"),
             ("delta_ppl_pct", "ΔPPL %", "{:+.2f}"), ("delta_ppl_ci95", "95% CI", _fmt_ci),
+            ("kld", "KLD nats", "{:.4f}"), ("top1_agreement", "top-1 agree", "{:.3f}"),
             ("bytes_per_token", "B/token", "{:.1f}"), ("bytes_per_token_used", "B/token used", "{:.1f}"),
             ("compression", "× vs dynamic", "{:.2f}"), ("seconds", "s", "{:.0f}")],
     "generate": [("text", "text", "{}"), ("spec", "cache", "{}"), ("match_rate", "match rate", "{:.3f}"),
@@ -48,6 +49,7 @@ COLUMNS = {
               ("cache_mib", "cache MiB", "{:.3f}"), ("bytes_per_token", "B/token", "{:.1f}")],
     "report": [("text", "text", "{}"), ("spec", "cache", "{}"), ("ppl", "PPL", "{:.4f}"),
                ("delta_ppl_pct", "ΔPPL %", "{:+.2f}"), ("delta_ppl_ci95", "95% CI", _fmt_ci),
+               ("kld", "KLD nats", "{:.4f}"), ("top1_agreement", "top-1 agree", "{:.3f}"),
                ("bytes_per_token", "B/token", "{:.1f}"), ("bytes_per_token_used", "B/token used", "{:.1f}"),
                ("compression", "× vs dynamic", "{:.2f}"), ("match_rate", "greedy match", "{:.3f}"),
                ("first_divergence_mean", "first div.", "{:.1f}")],
@@ -147,12 +149,30 @@ def to_markdown(result: dict) -> str:
         verdict = "passed" if check["passed"] else "FAILED"
         lines.append(f"Check ({check.get('text', '')}): {check['name']}: relative difference "
                      f"{check['relative_difference']:.1e} <= {check['tolerance']:.0e}: {verdict}  ")
+    kld_note = _kld_note(result["rows"])
+    if kld_note:
+        lines.append(kld_note + "  ")
     lines += ["", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     errors = _errors(result)
     if errors:
         lines += ["", "Failed runs (no figure): " + "; ".join(f"`{e}`" for e in errors)]
     return "\n".join(lines) + "\n"
+
+
+def _kld_note(rows: list[dict]) -> str | None:
+    """What the KLD column measured: exact over the vocabulary, or over the dense top-k plus a tail bucket."""
+    measured = [row for row in rows if row.get("kld_exact") is not None]
+    if not measured:
+        return None
+    if all(row["kld_exact"] for row in measured):
+        return ("KLD: KL(dense || cache) of the next-token distribution in nats, over the whole vocabulary, mean over "
+                "the scored positions; top-1 agree: share of positions whose argmax is the dense one")
+    kept = min(row["kld_kept_tokens"] for row in measured)
+    tail = max(row["dense_tail_mass_mean"] for row in measured)
+    return (f"KLD: KL(dense || cache) in nats over the dense model's top {kept} tokens plus one bucket for the rest "
+            f"(a lower bound on the full KL; mean dense mass in that bucket at most {tail:.1e}), mean over the scored "
+            "positions; top-1 agree: share of positions whose argmax is the dense one")
 
 
 def _errors(result: dict) -> list[str]:
@@ -164,7 +184,8 @@ def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def _family(spec: str) -> str:
+def spec_family(spec: str) -> str:
+    """The legend group of a spec label: "tq3:residual=128" -> "TurboQuant", "hqq-int4" -> "HQQ", ..."""
     name = spec.split(":")[0]
     if name.startswith(("tq", "k")) and name != "dynamic":
         return "TurboQuant (QJL keys)" if name.endswith("-qjl") else "TurboQuant"
@@ -182,12 +203,12 @@ def plot(result: dict, path: str | Path) -> None:
     if not rows:
         raise ValueError("--plot needs perplexity rows (delta_ppl_pct and bytes_per_token)")
     texts = list(dict.fromkeys(r.get("text") for r in rows))
-    families = list(dict.fromkeys(_family(r["spec"]) for r in rows))
+    families = list(dict.fromkeys(spec_family(r["spec"]) for r in rows))
     markers = "osD^v<>P*X"
     colors = plt.get_cmap("tab10")
     figure, axis = plt.subplots(figsize=(9, 6))
     for row in rows:
-        family, text = _family(row["spec"]), row.get("text")
+        family, text = spec_family(row["spec"]), row.get("text")
         axis.scatter(row["bytes_per_token"], row["delta_ppl_pct"], color=colors(families.index(family) % 10),
                      marker=markers[texts.index(text) % len(markers)], s=40)
         axis.annotate(row["spec"], (row["bytes_per_token"], row["delta_ppl_pct"]), fontsize=7,
