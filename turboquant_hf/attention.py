@@ -97,16 +97,22 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             past.window_keys, past.window_values, past.lengths, attention_mask, past.key_spec, past.value_spec,
             float(scale), float(softcap or 0.0))
         return out.transpose(1, 2).contiguous(), None
+    # Centered packed keys: the kernel's scores are q.(k - offset) for every key, a constant shift per query that
+    # softmax ignores, but a softcap's tanh does not.
+    if past is not None and past.key_offset is not None and softcap is not None:
+        fusable = False
     if past is not None and past.length and fusable:
         if past.sink_keys is not None:  # the kernel reads them with the window, after the packed tokens
             key, value = torch.cat([past.sink_keys, key], dim=2), torch.cat([past.sink_values, value], dim=2)
             attention_mask = _sinks_after_packed(attention_mask, past.sink_keys.shape[2], past.length)
+        if past.key_offset is not None:
+            key = (key.float() - past.key_offset).to(key.dtype)
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
                                scale=scale, softcap=softcap, attention_mask=attention_mask)
     else:
         if past is not None and (past.length or past.sink_keys is not None):
             # The past is needed dense: the sinks and the dequantized packed tokens, in a transient tensor.
-            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys)
+            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys, offset=past.key_offset)
             value = dense_states(past.values, past.value_quantizer, value, prefix=past.sink_values)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
     return out.transpose(1, 2).contiguous(), None

@@ -84,6 +84,7 @@ class CompressedPast:
     value_quantizer: TurboQuantizer
     sink_keys: torch.Tensor | None = None  # (B, H, s, D): the sinks, tokens 0 .. s - 1, exact (None: no sinks)
     sink_values: torch.Tensor | None = None
+    key_offset: torch.Tensor | None = None  # (B, H, 1, D) fp32: subtracted from the packed keys (center_keys)
 
     @property
     def length(self) -> int:
@@ -165,7 +166,7 @@ class TurboQuantLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _check_new_states(key_states, value_states)
         self.storage = PackedKV(*self._quantizers(key_states, value_states), key_states, value_states,
-                                sinks=self.settings.sink_tokens)
+                                sinks=self.settings.sink_tokens, center_keys=self.settings.center_keys)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -234,7 +235,7 @@ class TurboQuantLayer(DynamicLayer):
         storage = self.storage
         keys, values = storage.past()
         sinks = (storage.sink_keys, storage.sink_values) if storage.sink_length else (None, None)
-        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, *sinks)
+        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, *sinks, storage.key_offset)
 
     def serve_packed(self, config: PretrainedConfig) -> None:
         """Leave the packed past out of later updates' returned states (and hand it over as ``turboquant_past``)
@@ -561,8 +562,8 @@ class TurboQuantCache(Cache):
     transformers < 5.23, still accepted).
 
     Args:
-        bits, key_bits, value_bits, qjl, residual_length, sink_tokens, rotation, seed, norm_correction: the
-            settings, as in ``TurboQuantConfig`` (the short form).
+        bits, key_bits, value_bits, qjl, residual_length, sink_tokens, rotation, seed, norm_correction,
+            center_keys: the settings, as in ``TurboQuantConfig`` (the short form).
         config: a ``TurboQuantConfig`` (the long form: then leave the settings above at their defaults), or, as
             before, the model's config (same as ``model_config``).
         model_config: the model config. With it, sliding-window layers (Mistral, Gemma2/3, Qwen2 with
@@ -583,11 +584,11 @@ class TurboQuantCache(Cache):
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
                  qjl: bool = False, residual_length: int = 128, sink_tokens: int = 0, rotation: str = "hadamard",
-                 seed: int = 0, norm_correction: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
+                 seed: int = 0, norm_correction: bool = True, center_keys: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
                  model_config: PretrainedConfig | None = None, offloading: bool = False,
                  max_cache_len: int | None = None, max_batch_size: int | None = None):
         settings = dict(bits=bits, key_bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
-                        sink_tokens=sink_tokens,
+                        sink_tokens=sink_tokens, center_keys=center_keys,
                         rotation=rotation, seed=seed, norm_correction=norm_correction)
         if isinstance(config, PretrainedConfig):
             if model_config is not None:

@@ -50,6 +50,7 @@ class LayerSettings:
     rotation: str
     seed: int
     sink_tokens: int = 0
+    center_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,10 @@ class TurboQuantConfig:
         rotation: "hadamard" (randomized Hadamard; dense Haar for head dims that are not powers of two) or "dense".
         seed: seeds the rotation and the QJL projection, an int in [0, 2**63).
         norm_correction: store ||x|| / ||c[i]|| so reconstructions keep their length (not applied to QJL keys).
+        center_keys: encode keys less their mean over the first tokens compressed (per sequence and kv head), added
+            back when they are decoded: keys that share a large component (Qwen2's key bias) keep their small
+            differences. Attention over the packed keys reads them centered, the new and window keys shifted alike
+            (a constant shift of a query's scores leaves softmax unchanged). Dynamic layout only.
         layer_overrides: {layer index: {setting: value}} for any of ``LAYER_SETTINGS``, e.g.
             ``{0: {"key_bits": 8, "value_bits": 8}}`` keeps the first layer at 8 bits.
 
@@ -82,6 +87,7 @@ class TurboQuantConfig:
     rotation: str = "hadamard"
     seed: int = 0
     norm_correction: bool = True
+    center_keys: bool = True
     layer_overrides: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +98,7 @@ class TurboQuantConfig:
         set_("value_bits", bits if self.value_bits is None else _bits("value_bits", self.value_bits))
         set_("qjl", _flag("qjl", self.qjl))
         set_("norm_correction", _flag("norm_correction", self.norm_correction))
+        set_("center_keys", _flag("center_keys", self.center_keys))
         set_("residual_length", _residual_length("residual_length", self.residual_length))
         set_("sink_tokens", _residual_length("sink_tokens", self.sink_tokens))
         if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
@@ -133,7 +140,7 @@ class TurboQuantConfig:
             residual_length=_residual_length("residual_length" + where, values["residual_length"]),
             sink_tokens=_residual_length("sink_tokens" + where, values["sink_tokens"]),
             norm_correction=_flag("norm_correction" + where, values["norm_correction"]),
-            rotation=self.rotation, seed=self.seed,
+            rotation=self.rotation, seed=self.seed, center_keys=self.center_keys,
         )
 
     def to_dict(self) -> dict[str, Any]:

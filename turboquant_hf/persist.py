@@ -106,6 +106,8 @@ def _save_layer(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[st
             if storage.sink_length:
                 tensors[prefix + "sink_keys"] = storage.sink_keys
                 tensors[prefix + "sink_values"] = storage.sink_values
+            if storage.key_offset is not None:
+                tensors[prefix + "key_offset"] = storage.key_offset
             if isinstance(layer, StaticTurboQuantLayer):
                 tensors[prefix + "lengths"] = layer.lengths
     record["state"] = _save_plain_state(layer, prefix + "state.", tensors)
@@ -290,6 +292,15 @@ def _load_compressed(layer, record: dict, prefix: str, tensors: dict[str, torch.
                 raise ValueError(f"{prefix}sink_keys of shape {tuple(sink_keys.shape)} do not fit this layer "
                                  f"(sink_tokens={storage.sinks}, batch and heads {tuple(window_keys.shape[:2])})")
             storage.sink_keys, storage.sink_values = sink_keys.to(device), sink_values.to(device)
+        if prefix + "key_offset" in tensors:
+            key_offset = tensors[prefix + "key_offset"]
+            expected = (*window_keys.shape[:2], 1, window_keys.shape[-1])
+            if not storage.center_keys or tuple(key_offset.shape) != expected or key_offset.dtype != torch.float32:
+                raise ValueError(f"{prefix}key_offset ({key_offset.dtype} of shape {tuple(key_offset.shape)}) does "
+                                 f"not fit this layer (center_keys={storage.center_keys}, expected float32 {expected})")
+            storage.key_offset = key_offset.to(device)
+        elif storage.center_keys and length:  # saved before key centering: its slots hold the keys as they are
+            storage.key_offset = torch.zeros(*window_keys.shape[:2], 1, window_keys.shape[-1], device=device)
 
 
 def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -400,6 +411,7 @@ def _copy_layer(layer):
             storage.keys, storage.values = (slots._map(_clone) for slots in storage.past())
         storage.window_keys, storage.window_values = _clone(storage.window_keys), _clone(storage.window_values)
         storage.sink_keys, storage.sink_values = _clone(storage.sink_keys), _clone(storage.sink_values)
+        storage.key_offset = _clone(storage.key_offset)
         duplicate.storage = storage
         if isinstance(layer, StaticTurboQuantLayer):  # fixed addresses, as lazy_initialization marks them
             for tensor in (*storage.tensors(), duplicate.lengths):

@@ -31,10 +31,11 @@ def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int
 
 
 def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch.Tensor,
-                 prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """``prefix`` ((B, H, s, D) or None: the sink tokens), then ``past`` (leading shape (B, H, Np)) dequantized, then
-    ``parts`` ((B, H, n_i, D) each) along the token axis: one new (B, H, s + Np + sum n_i, D) tensor in
-    ``parts[-1].dtype``, each piece written in place (no concatenation)."""
+                 prefix: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``prefix`` ((B, H, s, D) or None: the sink tokens), then ``past`` (leading shape (B, H, Np)) dequantized plus
+    ``offset`` ((B, H, 1, D) fp32 or None: the key offset its tokens were stored without), then ``parts``
+    ((B, H, n_i, D) each) along the token axis: one new (B, H, s + Np + sum n_i, D) tensor in ``parts[-1].dtype``,
+    each piece written in place (no concatenation)."""
     from .kernels import dequantize_into
 
     batch, heads, _, dim = parts[-1].shape
@@ -47,6 +48,8 @@ def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch
         if piece is past:
             if past_length:
                 dequantize_into(past, quantizer, dense[:, :, start:start + past_length])
+                if offset is not None:
+                    dense[:, :, start:start + past_length] += offset
             start += past_length
         else:
             dense[:, :, start:start + piece.shape[-2]] = piece
@@ -60,6 +63,9 @@ class PackedKV:
     keys, values: QuantizedTensor storage with leading shape (B, H, capacity).
     window_keys, window_values: (B, H, r, D) in the model dtype, tokens in full precision.
     sink_keys, sink_values: (B, H, s, D) in the model dtype, the oldest s <= ``sinks`` tokens in full precision.
+    key_offset: (B, H, 1, D) fp32 or None. With ``center_keys`` (dynamic policy), the mean of the first keys encoded
+    into the slots, subtracted from every key before it is encoded and added back when slots are decoded: keys
+    that share a large component (Qwen2's key bias) keep their small differences, which carry the scores.
 
     Two policies use it. Dynamic (``TurboQuantLayer``): the first ``sinks`` tokens stay exact as sinks, slots
     [0, length) hold the next ``length`` tokens, the window the newest r; ``push_window`` / ``flush`` / ``reserve``
@@ -71,7 +77,8 @@ class PackedKV:
     """
 
     def __init__(self, key_quantizer: TurboQuantizer, value_quantizer: TurboQuantizer, key_states: torch.Tensor,
-                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None, sinks: int = 0):
+                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None, sinks: int = 0,
+                 center_keys: bool = False):
         batch, heads = key_states.shape[:2]
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -81,6 +88,8 @@ class PackedKV:
         self.window_keys = key_states.new_zeros((batch, heads, ring or 0, key_states.shape[-1]))
         self.window_values = value_states.new_zeros((batch, heads, ring or 0, value_states.shape[-1]))
         self.sinks = sinks
+        self.center_keys = center_keys
+        self.key_offset: torch.Tensor | None = None
         self.sink_keys, self.sink_values = self.window_keys[:, :, :0].clone(), self.window_values[:, :, :0].clone()
         self.length = 0
         # Slot rows [0, synced_rows) are unchanged since the last ``copy_slots_to`` (``write`` and ``map_batch`` lower
@@ -88,8 +97,9 @@ class PackedKV:
         self.synced_rows = 0
 
     def tensors(self) -> list[torch.Tensor]:
+        offset = [] if self.key_offset is None else [self.key_offset]
         return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values, self.sink_keys,
-                self.sink_values]
+                self.sink_values, *offset]
 
     # ------------------------------------------------------------------------------------------- sizes
     @property
@@ -131,10 +141,16 @@ class PackedKV:
             setattr(self, name, grown)
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
-        """Encode (B, H, n, D) states into slots [start, start + n) (within the capacity)."""
+        """Encode (B, H, n, D) states into slots [start, start + n) (within the capacity); keys less the key offset,
+        which the first write sets when ``center_keys``."""
         from .kernels import encode_into
 
-        encode_into(key_states.detach(), self.key_quantizer, self.keys, start)
+        key_states = key_states.detach()
+        if self.center_keys and key_states.shape[-2]:
+            if self.key_offset is None:
+                self.key_offset = key_states.float().mean(dim=-2, keepdim=True)
+            key_states = key_states.float() - self.key_offset
+        encode_into(key_states, self.key_quantizer, self.keys, start)
         encode_into(value_states.detach(), self.value_quantizer, self.values, start)
         self.synced_rows = min(self.synced_rows, start)
 
@@ -214,7 +230,8 @@ class PackedKV:
         dtype."""
         keys, values = self.past(self.length if with_past else 0)
         sink_keys, sink_values = (self.sink_keys, self.sink_values) if with_past and self.sink_length else (None, None)
-        return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys),
+        return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys,
+                             offset=self.key_offset),
                 dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values))
 
     # ------------------------------------------------------------------------------------ cache operations
@@ -243,3 +260,5 @@ class PackedKV:
         self.keys, self.values = self.keys._map(fn), self.values._map(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        if self.key_offset is not None:
+            self.key_offset = fn(self.key_offset)

@@ -14,6 +14,8 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
              | seed=<N> | rotation=hadamard|dense        TurboQuant only
              | norms=corrected|raw      TurboQuant only: raw = the paper's MSE reconstruction, without
                                         norm correction (see TurboQuantizer)
+             | keys=centered|raw        TurboQuant only: raw = keys encoded as they are (center_keys=False)
+             | sinks=<N>                TurboQuant only: the first N tokens kept in full precision
 
 Every quantized spec compresses every token unless it says ``residual=N``: the figures then measure
 the compression of everything, for TurboQuant and the baselines alike. Example: ``tq3:residual=128``.
@@ -66,8 +68,9 @@ ALLOWED_NAMES = (
     f"fp8, quanto-int{_bits_set(QUANTO_BITS)}, hqq-int{_bits_set(HQQ_BITS)}"
 )
 NORMS = ("corrected", "raw")
+KEYS = ("centered", "raw")
 ALLOWED_OPTIONS = (f"residual=N (N >= 0); TurboQuant only: seed=N (N >= 0), rotation={'|'.join(ROTATIONS)}, "
-                   f"norms={'|'.join(NORMS)}")
+                   f"norms={'|'.join(NORMS)}, keys={'|'.join(KEYS)}, sinks=N (N >= 0)")
 SPEC_HELP = f"names: {ALLOWED_NAMES}; options after ':' : {ALLOWED_OPTIONS}"
 
 
@@ -83,6 +86,8 @@ class CacheSpec:
     seed: int = 0
     rotation: str = "hadamard"
     norms: str = "corrected"
+    keys: str = "centered"
+    sinks: int = 0
 
     @property
     def name(self) -> str:
@@ -109,6 +114,10 @@ class CacheSpec:
             options.append(f"rotation={self.rotation}")
         if self.norms != "corrected":
             options.append(f"norms={self.norms}")
+        if self.keys != "centered":
+            options.append(f"keys={self.keys}")
+        if self.sinks:
+            options.append(f"sinks={self.sinks}")
         return ":".join([self.name, *options])
 
     def describe(self) -> dict:
@@ -152,9 +161,9 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
     key, sep, value = option.partition("=")
     if not sep or not value:
         raise ValueError(f"{spec!r}: option {option!r} is not key=value; allowed options: {ALLOWED_OPTIONS}")
-    if key in fields and key in ("residual", "seed", "rotation", "norms"):
+    if key in fields and key in ("residual", "seed", "rotation", "norms", "keys", "sinks"):
         raise ValueError(f"{spec!r}: option {key!r} given twice")
-    if key in ("residual", "seed"):
+    if key in ("residual", "seed", "sinks"):
         if not value.isdigit():
             raise ValueError(f"{spec!r}: {key} must be an int >= 0, got {value!r}")
         if key == "residual" and fields["family"] in ("dynamic", "fp8"):
@@ -165,13 +174,14 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         if value not in ROTATIONS:
             raise ValueError(f"{spec!r}: rotation must be one of {ROTATIONS}, got {value!r}")
         fields[key] = value
-    elif key == "norms":
-        if value not in NORMS:
-            raise ValueError(f"{spec!r}: norms must be one of {NORMS}, got {value!r}")
+    elif key in ("norms", "keys"):
+        allowed = NORMS if key == "norms" else KEYS
+        if value not in allowed:
+            raise ValueError(f"{spec!r}: {key} must be one of {allowed}, got {value!r}")
         fields[key] = value
     else:
         raise ValueError(f"{spec!r}: unknown option {key!r}; allowed options: {ALLOWED_OPTIONS}")
-    if key in ("seed", "rotation", "norms") and fields["family"] != "turboquant":
+    if key in ("seed", "rotation", "norms", "keys", "sinks") and fields["family"] != "turboquant":
         raise ValueError(f"{spec!r}: {key}= applies to TurboQuant specs only (tq*, k*v*)")
 
 
@@ -223,7 +233,8 @@ def make_cache(spec: CacheSpec, config):
 
         return TurboQuantCache(key_bits=spec.key_bits, value_bits=spec.value_bits, qjl=spec.qjl,
                                residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed,
-                               norm_correction=spec.norms == "corrected", config=config)
+                               norm_correction=spec.norms == "corrected", center_keys=spec.keys == "centered",
+                               sink_tokens=spec.sinks, config=config)
     message = missing_backend(spec)
     if message:
         raise ImportError(message)
