@@ -254,7 +254,7 @@ def _tensor_parallel_rank(rank: int, world_size: int, port: int, folder: str) ->
         torch.distributed.destroy_process_group()
 
 
-def test_tensor_parallel_on_gloo_matches_one_process(tmp_path):
+def test_tensor_parallel_on_gloo_matches_one_process(tmp_path, monkeypatch):
     """tp_plan="auto", two CPU processes on gloo: rank r holds the compressed K/V of kv head r only (the model's q/k/v
     projections are column-split), bit-equal to those heads of the one-process cache in the first layer (identical
     inputs) and to float rounding in later ones (the all-reduce of the row-split o_proj sums in another order); the
@@ -264,6 +264,8 @@ def test_tensor_parallel_on_gloo_matches_one_process(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     tiny_llama().save_pretrained(tmp_path)
+    # CPU ranks even on a GPU machine (transformers would pick CUDA and nccl there): the children start without GPUs.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     world_size = 2
     torch.multiprocessing.spawn(_tensor_parallel_rank, args=(world_size, _free_port(), str(tmp_path)),
                                 nprocs=world_size)
