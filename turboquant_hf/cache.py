@@ -192,6 +192,12 @@ class TurboQuantLayer(DynamicLayer):
         if key_states.shape[-2] != value_states.shape[-2]:
             raise ValueError(f"key_states and value_states must hold as many tokens, got {key_states.shape[-2]} and "
                              f"{value_states.shape[-2]}")
+        # A layer's tokens stay on the device of the states it was first given (each GPU of a device_map holds its
+        # own layers); following states elsewhere would copy the whole layer there.
+        if key_states.device != self.device or value_states.device != self.device:
+            raise ValueError(f"key_states are on {key_states.device}, value_states on {value_states.device}; this cache "
+                             f"layer holds its tokens on {self.device}: use a new cache, or load a saved one with "
+                             "device= the device of each layer")
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -457,9 +463,9 @@ class StaticTurboQuantLayer(TurboQuantLayer):
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super()._check_states(key_states, value_states)
-        if key_states.device != self.device or key_states.dtype != self.dtype:
-            raise ValueError(f"key_states are {key_states.dtype} on {key_states.device}; this static layer holds "
-                             f"{self.dtype} on {self.device} (its storage is allocated once): use a new cache")
+        if key_states.dtype != self.dtype:
+            raise ValueError(f"key_states are {key_states.dtype}; this static layer holds {self.dtype} (its storage is "
+                             "allocated once): use a new cache")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -730,10 +736,11 @@ class TurboQuantCache(Cache):
         return save(self, path)
 
     @classmethod
-    def load(cls, path, device: torch.device | str | None = None,
+    def load(cls, path, device: torch.device | str | list[torch.device | str] | None = None,
              model_config: PretrainedConfig | None = None) -> TurboQuantCache:
-        """The cache saved at ``path``, tensors on ``device`` (default CPU); with ``model_config``, built for that model
-        and checked against it (ValueError naming the mismatch). See ``persist.load``."""
+        """The cache saved at ``path``, tensors on ``device`` (default CPU; a list: one device per layer, for a model
+        split over GPUs); with ``model_config``, built for that model and checked against it (ValueError naming the
+        mismatch). See ``persist.load``."""
         from .persist import load
 
         return load(path, device=device, model_config=model_config)
@@ -754,8 +761,8 @@ class TurboQuantCache(Cache):
         """Bytes the cache holds vs what DynamicCache would hold for the same tokens.
 
         compressed_bytes: every tensor held (packed slots and their spare capacity, dense windows, uncompressed
-        sliding layers, and the rotation/codebook state shared by the layers, which is also given alone as
-        ``quantizer_state_bytes``); dense_bytes: the same tokens as dense K/V in the states' dtype; ratio = dense /
+        sliding layers, and the rotation/codebook state shared by the layers, once per device they are on, which is
+        also given alone as ``quantizer_state_bytes``); dense_bytes: the same tokens as dense K/V in the states' dtype; ratio = dense /
         compressed (None before the first token); tokens: cached tokens of layer 0, of which ``window_tokens`` are
         kept dense in layer 0's window (on short prompts the window dominates and the ratio is low);
         config: the settings (``TurboQuantConfig.to_dict``); layers: per-layer entries.
@@ -771,8 +778,8 @@ class TurboQuantCache(Cache):
                              dense_bytes=2 * layer.get_seq_length() * batch * heads * dim
                              * storage.window_keys.element_size(), window_tokens=storage.window_length,
                              sink_tokens=storage.sink_length)
-                for quantizer in (storage.key_quantizer, storage.value_quantizer):
-                    quantizers[id(quantizer)] = quantizer
+                for quantizer in (storage.key_quantizer, storage.value_quantizer):  # a state per device it is used on
+                    quantizers[id(quantizer), storage.device] = quantizer
             elif isinstance(layer, CacheLayerMixin) and layer.is_initialized and not isinstance(layer, TurboQuantLayer):
                 held = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
                 entry.update(tokens=layer.get_seq_length(), compressed_bytes=held, dense_bytes=held)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,9 +179,10 @@ def _fsync_folder(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def load(path: str | os.PathLike, device: torch.device | str | None = None,
+def load(path: str | os.PathLike, device: torch.device | str | Sequence[torch.device | str] | None = None,
          model_config: PretrainedConfig | None = None) -> TurboQuantCache:
-    """The cache saved at ``path``, its tensors on ``device`` (default: CPU).
+    """The cache saved at ``path``, its tensors on ``device`` (default: CPU), or, for a model split over devices
+    (``device_map``), on ``device[i]`` for layer i (one device per layer, as the model runs them).
 
     With ``model_config`` the cache is rebuilt as ``TurboQuantCache(config=..., model_config=model_config)`` and the
     file must match what that config implies (layer count, kinds, kv heads, head_dim); without it the file must hold
@@ -190,7 +192,6 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
     from .cache import TurboQuantCache, TurboQuantLayer
 
     path = Path(path)
-    device = torch.device("cpu" if device is None else device)
     metadata, tensors = _read(path)
     where = f"{path}: "
     try:
@@ -204,6 +205,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
     if len(records) != len(file_print["layers"]):
         raise ValueError(f"{where}corrupt header: {len(records)} layer records, {len(file_print['layers'])} in the "
                          "fingerprint")
+    devices = _layer_devices(device, len(records))
     cache = TurboQuantCache(config=config, model_config=model_config, max_cache_len=max_cache_len,
                             max_batch_size=max_batch_size)
     if model_config is not None:
@@ -215,7 +217,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
             raise ValueError(f"{where}the file holds layers that transformers builds ({', '.join(foreign)}): pass "
                              "model_config= to load")
         cache.layers = [cache._layer(index) for index in range(len(records))]
-    for index, (layer, record) in enumerate(zip(cache.layers, records)):
+    for index, (layer, record, device) in enumerate(zip(cache.layers, records, devices)):
         prefix = f"layers.{index}."
         try:
             if isinstance(layer, TurboQuantLayer):
@@ -225,6 +227,16 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
             detail = f"missing tensor {error}" if isinstance(error, KeyError) else str(error)
             raise ValueError(f"{where}layer {index} ({record.get('kind')}) cannot be restored: {detail}") from error
     return cache
+
+
+def _layer_devices(device, layers: int) -> list[torch.device]:
+    """``load``'s device argument as one device per layer."""
+    if device is None or isinstance(device, (str, torch.device)):
+        return [torch.device("cpu" if device is None else device)] * layers
+    devices = [torch.device(each) for each in device]
+    if len(devices) != layers:
+        raise ValueError(f"device lists {len(devices)} devices; the file holds {layers} layers (one device per layer)")
+    return devices
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -44,6 +44,15 @@ def _byte_table(centroids: torch.Tensor, bits: int, device: torch.device) -> tor
     return centroids[field_indices(bits, 8)].to(device)
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` as the key of a per-device state: "cuda" means the current GPU now, and must not stand for
+    whichever GPU was current when the state was first made (tensors always report their index: cuda:1)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclasses.dataclass
 class QuantizerState:
     """A quantizer's tensors on one device (all float32).
@@ -201,18 +210,22 @@ class TurboQuantizer:
         if qjl:
             generator = torch.Generator(device="cpu").manual_seed(seed + _QJL_SEED_OFFSET)
             projection = torch.randn(dim, dim, generator=generator)
-        home = torch.device(device) if device is not None else torch.device("cpu")
+        home = _indexed("cpu" if device is None else device)
         first = QuantizerState(self.rotation.to(home), centroids.to(home),
                                ((centroids[1:] + centroids[:-1]) / 2).to(home),
                                None if projection is None else projection.to(home),
                                _byte_table(centroids, self.mse_bits, home))
         self._states: dict[torch.device, QuantizerState] = {home: first}
 
-    def state(self, device: torch.device) -> QuantizerState:
-        """The rotation, codebook and projection on ``device`` (copied there on first use, then kept)."""
+    def state(self, device: torch.device | str) -> QuantizerState:
+        """The rotation, codebook and projection on ``device`` (copied there on first use, then kept, one per device:
+        a model split over GPUs gets one state on each)."""
         found = self._states.get(device)
         if found is None:
-            found = self._states[device] = next(iter(self._states.values())).to(device)
+            device = _indexed(device)
+            found = self._states.get(device)
+            if found is None:
+                found = self._states[device] = next(iter(self._states.values())).to(device)
         return found
 
     @property

@@ -1,8 +1,10 @@
 """What every kernel module shares: the Triton import, the choice between a kernel and its torch twin, launch
-arithmetic, and the per-device operands the kernels read (``KernelState``)."""
+arithmetic, the device a launch runs on (``launch_device``), and the per-device operands the kernels read
+(``KernelState``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -59,6 +61,33 @@ def check_supported(what: str, *quantizers: TurboQuantizer) -> None:
         reason = triton_unsupported(quantizer)
         if reason is not None:
             raise ValueError(f"Triton {what} does not support {reason}; call the dispatching function instead")
+
+
+_SAME_DEVICE = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a Triton launch for tensors on ``device`` runs in.
+
+    Triton launches on the *current* CUDA device and its current stream, not on the device of the pointers it is
+    given. A model split over GPUs (accelerate's ``device_map``) runs its later layers on cuda:1 while cuda:0 is
+    current: launched there, a kernel would read cuda:1 memory from cuda:0 (a fault without peer access) on a
+    stream unordered with the cuda:1 work around it. So: ``torch.cuda.device(index)`` when ``device`` is a CUDA
+    device other than the current one. Otherwise (one GPU, CPU tensors under the interpreter, a CUDA graph
+    capture, which makes its own device current) a shared no-op context: the hot path pays one current-device
+    query, no device switch.
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(device.index)
+
+
+def check_same_device(what: str, device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """ValueError naming the first of ``tensors`` not on ``device``. A Triton kernel given a pointer of another GPU
+    would not fail cleanly (unified addressing makes it look valid) but fault or read the wrong memory."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{what}: {name} is on {tensor.device}, expected {device} (every operand on one device)")
 
 
 def sm_count(device: torch.device) -> int:

@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from ._common import cdiv, check_supported, kernel_state, sm_count, tl, triton, use_triton
+from ._common import (
+    cdiv, check_same_device, check_supported, kernel_state, launch_device, sm_count, tl, triton, use_triton,
+)
 from .dequant import decode_packed, fp16_field, load_packed
 from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 
@@ -355,6 +357,9 @@ def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, r
         raise ValueError(f"query must be (batch, q_heads, M, head_dim), got shape {tuple(query.shape)}")
     key_quantizer._check_quantized(keys)
     value_quantizer._check_quantized(values)
+    check_same_device("decode attention", query.device, key_packed=keys.packed_indices, key_scales=keys.scales,
+                      value_packed=values.packed_indices, value_scales=values.scales, residual_keys=residual_keys,
+                      residual_values=residual_values, attention_mask=attention_mask, length=length)
     batch, q_heads, n_queries, dim = query.shape
     if keys.scales.dim() != 3 or tuple(values.scales.shape) != tuple(keys.scales.shape):
         raise ValueError(f"keys and values must share a (batch, kv_heads, n) leading shape, got "
@@ -572,43 +577,44 @@ def decode_attention_triton(
         rk_strides, rv_strides = residual_keys.stride(), residual_values.stride()
 
     q_rot = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
-    _rotate_query_kernel[(batch * kv_heads, row_blocks)](
-        query, *query.stride(),
-        key_operands.rotate, q_rot,
-        kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
-        TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0], num_warps=4,
-    )
-    _split_kernel[(slots, batch * kv_heads, row_blocks)](
-        query, *query.stride(),
-        q_rot,
-        keys.packed_indices, *keys.packed_indices.stride(),
-        keys.scales, *keys.scales.stride(),
-        values.packed_indices, *values.packed_indices.stride(),
-        values.scales, *values.scales.stride(),
-        key_operands.table, value_operands.table,
-        residual_keys, *rk_strides,
-        residual_values, *rv_strides,
-        mask, *mask_strides,
-        part_out, part_max, part_sum,
-        kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
-        float(scale), float(softcap) if softcap is not None else 1.0,
-        query if length is None else length, 0 if length is None else residual_len,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n, RESIDUAL_BLOCK_N=config["RESIDUAL_BLOCK_N"],
-        K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
-        K_PHASES=key_phases, V_PHASES=value_phases,
-        HAS_RESIDUAL=residual_len > 0,
-        MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, DEVICE_LENGTH=length is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    _merge_kernel[(batch * kv_heads, row_blocks)](
-        part_out, part_max, part_sum, value_operands.unrotate,
-        out, *out.stride(),
-        kv_heads, group, n_queries, splits, padded_rows, value_operands.unrotate_scale,
-        query if length is None else length, 0 if length is None else residual_len, split_len,
-        HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=value_operands.unrotate.shape[0],
-        DEVICE_LENGTH=length is not None, num_warps=4,
-    )
+    with launch_device(device):
+        _rotate_query_kernel[(batch * kv_heads, row_blocks)](
+            query, *query.stride(),
+            key_operands.rotate, q_rot,
+            kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale,
+            HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
+            TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0], num_warps=4,
+        )
+        _split_kernel[(slots, batch * kv_heads, row_blocks)](
+            query, *query.stride(),
+            q_rot,
+            keys.packed_indices, *keys.packed_indices.stride(),
+            keys.scales, *keys.scales.stride(),
+            values.packed_indices, *values.packed_indices.stride(),
+            values.scales, *values.scales.stride(),
+            key_operands.table, value_operands.table,
+            residual_keys, *rk_strides,
+            residual_values, *rv_strides,
+            mask, *mask_strides,
+            part_out, part_max, part_sum,
+            kv_heads, group, n_queries, compressed_len, residual_len, splits, split_len, padded_rows,
+            float(scale), float(softcap) if softcap is not None else 1.0,
+            query if length is None else length, 0 if length is None else residual_len,
+            HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_N=block_n, RESIDUAL_BLOCK_N=config["RESIDUAL_BLOCK_N"],
+            K_BITS=key_quantizer.mse_bits, V_BITS=value_quantizer.mse_bits,
+            K_PHASES=key_phases, V_PHASES=value_phases,
+            HAS_RESIDUAL=residual_len > 0,
+            MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, DEVICE_LENGTH=length is not None,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+        _merge_kernel[(batch * kv_heads, row_blocks)](
+            part_out, part_max, part_sum, value_operands.unrotate,
+            out, *out.stride(),
+            kv_heads, group, n_queries, splits, padded_rows, value_operands.unrotate_scale,
+            query if length is None else length, 0 if length is None else residual_len, split_len,
+            HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim), ROT_PIECES=value_operands.unrotate.shape[0],
+            DEVICE_LENGTH=length is not None, num_warps=4,
+        )
     return out
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from ._common import cdiv, check_supported, kernel_state, row_block, row_launch, tl, triton, use_triton
+from ._common import (
+    cdiv, check_same_device, check_supported, kernel_state, launch_device, row_block, row_launch, tl, triton,
+    use_triton,
+)
 from .rotate import column_block, rotate_columns
 
 # Launch per device type (see _common.row_launch; each program reads the rotation's pieces from L2, so larger blocks
@@ -112,6 +115,7 @@ def _dequant_kernel(
 
 def _check(q: QuantizedTensor, quantizer: TurboQuantizer, out: torch.Tensor) -> None:
     quantizer._check_quantized(q)
+    check_same_device("dequantize", out.device, packed_indices=q.packed_indices, scales=q.scales)
     if q.scales.dim() != 3 or tuple(out.shape) != (*q.scales.shape, quantizer.dim):
         raise ValueError(f"out must be (batch, heads, n, dim) = {(*q.scales.shape, quantizer.dim)} for q of leading "
                          f"shape (batch, heads, n), got {tuple(out.shape)}")
@@ -147,16 +151,17 @@ def dequantize_into_triton(q: QuantizedTensor, quantizer: TurboQuantizer, out: t
     operands = kernel_state(quantizer, device)
     block_m, num_warps = row_launch(_LAUNCH, device, quantizer.dim, n_tokens)
     grid = (cdiv(n_tokens, block_m), batch * heads)
-    _dequant_kernel[grid](
-        q.packed_indices, *q.packed_indices.stride(),
-        q.scales, *q.scales.stride(),
-        operands.unrotate, operands.table,
-        out, *out.stride(),
-        heads, n_tokens, operands.unrotate_scale,
-        HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
-        BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=operands.unrotate.shape[0],
-        OUT_MAX=torch.finfo(out.dtype).max, num_warps=num_warps,
-    )
+    with launch_device(device):
+        _dequant_kernel[grid](
+            q.packed_indices, *q.packed_indices.stride(),
+            q.scales, *q.scales.stride(),
+            operands.unrotate, operands.table,
+            out, *out.stride(),
+            heads, n_tokens, operands.unrotate_scale,
+            HEAD_DIM=quantizer.dim, BITS=quantizer.mse_bits, BLOCK_M=block_m,
+            BLOCK_COL=column_block(quantizer.dim), ROT_PIECES=operands.unrotate.shape[0],
+            OUT_MAX=torch.finfo(out.dtype).max, num_warps=num_warps,
+        )
     return None
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..quantizer import QuantizedTensor, TurboQuantizer
-from ._common import cdiv, check_supported, kernel_state, row_block, row_launch, tl, triton, use_triton
+from ._common import (
+    cdiv, check_same_device, check_supported, kernel_state, launch_device, row_block, row_launch, tl, triton,
+    use_triton,
+)
 from .rotate import column_block, rotate_columns, split_fp16
 
 # Launch per device type (see row_launch); bench_attention.py --sweep times alternatives on a GPU.
@@ -125,6 +128,7 @@ def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
     if (storage.dim, storage.mse_bits, storage.qjl_signs is not None) != (quantizer.dim, quantizer.mse_bits,
                                                                           quantizer.qjl):
         raise ValueError("storage was not made by a quantizer with this dim, bits and qjl")
+    check_same_device("encode", x.device, packed_indices=storage.packed_indices, scales=storage.scales)
     capacity = storage.scales.shape
     if len(capacity) != 3 or tuple(capacity[:2]) != tuple(x.shape[:2]):
         raise ValueError(f"storage leading shape must be (batch, heads, capacity) = ({x.shape[0]}, {x.shape[1]}, "
@@ -173,16 +177,17 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     device_start = isinstance(start, torch.Tensor)
     block_m, num_warps = row_launch(_LAUNCH, x.device, dim, n_tokens)
     grid = (cdiv(n_tokens, block_m), batch * heads)
-    _encode_kernel[grid](
-        x, *x.stride(),
-        operands.rotate, state.boundaries, state.centroids,
-        packed, *packed.stride(),
-        scales, *scales.stride(),
-        heads, n_tokens, *((0, start) if device_start else (start, scales)), operands.rotate_scale,
-        HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
-        ROT_PIECES=operands.rotate.shape[0],
-        NORM_CORRECTION=quantizer.norm_correction, DEVICE_START=device_start, num_warps=num_warps,
-    )
+    with launch_device(x.device):
+        _encode_kernel[grid](
+            x, *x.stride(),
+            operands.rotate, state.boundaries, state.centroids,
+            packed, *packed.stride(),
+            scales, *scales.stride(),
+            heads, n_tokens, *((0, start) if device_start else (start, scales)), operands.rotate_scale,
+            HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
+            ROT_PIECES=operands.rotate.shape[0],
+            NORM_CORRECTION=quantizer.norm_correction, DEVICE_START=device_start, num_warps=num_warps,
+        )
     return None
 
 
