@@ -44,10 +44,12 @@ def random_states(batch=2, heads=2, tokens=10, dim=64, dtype=torch.float32, seed
 
 
 # ------------------------------------------------------------------------------------------ layer
+@pytest.mark.parametrize("center_keys", [True, False])
 @pytest.mark.parametrize("residual_length", [0, 3, 100])
-def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_length):
-    """update() = dequant(compressed) ++ window ++ new (exact), and storage matches the quantizer."""
-    layer = TurboQuantLayer(4, 3, residual_length=residual_length)
+def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_length, center_keys):
+    """update() = dequant(compressed) ++ window ++ new (exact), and storage matches the quantizer; with center_keys
+    the keys are stored less the mean of the first block compressed, and come back with it added."""
+    layer = TurboQuantLayer(4, 3, residual_length=residual_length, sink_tokens=0, center_keys=center_keys)
     keys1, values1 = random_states(tokens=7, seed=1)
     keys2, values2 = random_states(tokens=5, seed=2)
     layer.update(keys1, values1)
@@ -60,10 +62,15 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
         return total - residual_length if total - residual_length > block else 0
 
     compressed_before = compressed_after(past)
+    first_block = compressed_before or compressed_after(12)
+    offset = torch.zeros(2, 2, 1, 64)
+    if center_keys and first_block:
+        offset = all_keys[:, :, :first_block].mean(dim=-2, keepdim=True)
     key_quantizer, value_quantizer = TurboQuantizer(64, 4), TurboQuantizer(64, 3)
     expected_keys = all_keys.clone()
     expected_values = all_values.clone()
-    expected_keys[:, :, :compressed_before] = key_quantizer.dequantize(key_quantizer.quantize(keys1[:, :, :compressed_before]))
+    expected_keys[:, :, :compressed_before] = key_quantizer.dequantize(
+        key_quantizer.quantize(keys1[:, :, :compressed_before] - offset)) + offset
     expected_values[:, :, :compressed_before] = value_quantizer.dequantize(value_quantizer.quantize(values1[:, :, :compressed_before]))
     torch.testing.assert_close(out_keys, expected_keys, rtol=0, atol=1e-6)
     torch.testing.assert_close(out_values, expected_values, rtol=0, atol=1e-6)
@@ -72,13 +79,13 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     assert layer.storage.window_length == in_window and layer.storage.length == 12 - in_window
     assert layer.get_seq_length() == 12
     torch.testing.assert_close(layer.storage.window_keys, all_keys[:, :, 12 - in_window:])
-    stored = key_quantizer.quantize(all_keys[:, :, : 12 - in_window])
+    stored = key_quantizer.quantize(all_keys[:, :, : 12 - in_window] - offset)
     assert torch.equal(layer.storage.past()[0].packed_indices, stored.packed_indices)
     assert torch.equal(layer.storage.past()[0].scales, stored.scales)
 
 
 def test_storage_grows_in_blocks_and_keeps_old_tokens():
-    layer = TurboQuantLayer(2, 2, residual_length=0)
+    layer = TurboQuantLayer(2, 2, residual_length=0, center_keys=False)
     keys, values = random_states(batch=1, heads=1, tokens=300, seed=3)
     for start in range(0, 300, 50):
         layer.update(keys[:, :, start:start + 50], values[:, :, start:start + 50])
@@ -178,8 +185,10 @@ def test_reorder_select_repeat_act_on_compressed_storage():
 
 def test_crop_is_exact(llama, prompt):
     """With everything compressed, crop(-n) then re-feeding gives the same logits as never seeing the
-    n tokens: each token is compressed on its own, so cropping only shortens the valid length."""
-    cache, fresh_cache = TurboQuantCache(bits=4, residual_length=0), TurboQuantCache(bits=4, residual_length=0)
+    n tokens: each token is compressed on its own, so cropping only shortens the valid length. (Without key
+    centering: its offset is the mean of the first block compressed, here 24 tokens against the fresh cache's 18.)"""
+    settings = dict(bits=4, residual_length=0, center_keys=False)
+    cache, fresh_cache = TurboQuantCache(**settings), TurboQuantCache(**settings)
     with torch.no_grad():
         llama(prompt, past_key_values=cache)
         cache.crop(-6)
@@ -237,21 +246,23 @@ def test_offloaded_cache_deepcopies_and_pickles(llama, prompt):
 
 
 # ------------------------------------------------------------------------------------------ sinks
-def test_sinks_hold_the_first_tokens_exactly():
-    layer = TurboQuantLayer(4, 4, residual_length=2, settings=TurboQuantConfig(residual_length=2, sink_tokens=3)
-                            .for_layer(None))
+def test_sinks_hold_the_first_tokens_exactly_and_the_key_offset_skips_them():
+    layer = TurboQuantLayer(4, 4, residual_length=2, sink_tokens=3)
     keys, values = random_states(tokens=10, seed=3)
+    keys[:, :, 0] += 50.0  # an outlier first key (as models' first tokens often have): kept out of the offset
     layer.update(keys[:, :, :2], values[:, :, :2])
     for token in range(2, 10):
         layer.update(keys[:, :, token:token + 1], values[:, :, token:token + 1])
     storage = layer.storage
-    assert storage.sink_length == 3 and storage.length + storage.window_length == 7 and storage.length > 0
+    assert storage.sink_length == 3 and storage.length + storage.window_length == 10 and storage.length > 3
     assert torch.equal(storage.sink_keys, keys[:, :, :3]) and torch.equal(storage.sink_values, values[:, :, :3])
+    # The window reached residual_length + 2 at 5 tokens: the first 3 went to the slots (all sinks), then 3 more.
+    torch.testing.assert_close(storage.key_offset, keys[:, :, 3:6].mean(dim=-2, keepdim=True), rtol=0, atol=1e-6)
     dense_keys, _ = layer.update(*random_states(tokens=1, seed=4))
     assert torch.equal(dense_keys[:, :, :3], keys[:, :, :3])  # position order: sinks, packed, window, new
     assert torch.equal(dense_keys[:, :, 8:10], keys[:, :, 8:10])
-    layer.crop(2)  # inside the sinks: the slots and the window go
-    assert (storage.sink_length, storage.length, storage.window_length) == (2, 0, 0) and layer.get_seq_length() == 2
+    layer.crop(2)  # inside the sinks
+    assert (storage.sink_length, storage.length, storage.window_length) == (2, 2, 0) and layer.get_seq_length() == 2
 
 
 def test_sinks_covering_every_token_equal_dynamic_cache(llama, prompt):
@@ -292,8 +303,6 @@ def test_sink_tokens_are_validated():
         TurboQuantCache(sink_tokens=-1)
     with pytest.raises(TypeError, match="sink_tokens must be an int"):
         TurboQuantConfig(sink_tokens=2.0)
-    with pytest.raises(ValueError, match="static layout .* does not support sink_tokens"):
-        TurboQuantCache(max_cache_len=16, config=TurboQuantConfig(layer_overrides={0: {"sink_tokens": 4}}))
 
 
 def test_left_padded_batch_matches_dynamic(llama):

@@ -75,7 +75,7 @@ def _check_new_states(key_states: torch.Tensor, value_states: torch.Tensor) -> N
 class CompressedPast:
     """What the fused attention reads besides the dense states: the packed past of one layer.
 
-    keys, values: QuantizedTensor views with leading shape (B, H, Np), the Np cached tokens after the sinks.
+    keys, values: QuantizedTensor views with leading shape (B, H, Np), the packed tokens after the sinks.
     """
 
     keys: QuantizedTensor
@@ -88,7 +88,7 @@ class CompressedPast:
 
     @property
     def length(self) -> int:
-        """Packed tokens (the sinks not counted)."""
+        """Packed tokens read (after the sinks)."""
         return self.keys.scales.shape[-1]
 
 
@@ -100,6 +100,7 @@ class TurboQuantLayer(DynamicLayer):
         qjl: spend one of the key bits on the QJL residual stage (unbiased scores); values stay MSE.
         residual_length: newest tokens kept in full precision (0 = compress everything).
         rotation, seed, norm_correction: see ``TurboQuantizer`` (QJL keys never take norm correction).
+        sink_tokens, center_keys: see ``TurboQuantConfig``.
         settings: a resolved ``LayerSettings`` instead of the arguments above (what ``TurboQuantCache`` passes).
 
     Offloading (``TurboQuantCache(offloading=True)``, a model on CUDA): between its updates the layer's packed slots
@@ -118,13 +119,14 @@ class TurboQuantLayer(DynamicLayer):
     is_croppable = True
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, *, qjl: bool = False, residual_length: int = 128,
-                 rotation: str = "hadamard", seed: int = 0, norm_correction: bool = True,
-                 settings: LayerSettings | None = None):
+                 sink_tokens: int = 4, rotation: str = "hadamard", seed: int = 0, norm_correction: bool = True,
+                 center_keys: bool = True, settings: LayerSettings | None = None):
         self.storage: PackedKV | None = None
         super().__init__()
         if settings is None:
             settings = TurboQuantConfig(bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
-                                        rotation=rotation, seed=seed, norm_correction=norm_correction).for_layer(None)
+                                        sink_tokens=sink_tokens, rotation=rotation, seed=seed,
+                                        norm_correction=norm_correction, center_keys=center_keys).for_layer(None)
         self.settings = settings
         self._reader_config: PretrainedConfig | None = None  # set by serve_packed
         self._host_slots: tuple[QuantizedTensor, QuantizedTensor] | None = None  # the offloaded keys, values
@@ -239,9 +241,9 @@ class TurboQuantLayer(DynamicLayer):
     def compressed_past(self) -> CompressedPast:
         """The packed past as it is now (views, no copy), for an attention that reads it packed."""
         storage = self.storage
-        keys, values = storage.past()
-        sinks = (storage.sink_keys, storage.sink_values) if storage.sink_length else (None, None)
-        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, *sinks, storage.key_offset)
+        keys, values, sink_keys, sink_values = storage.attended_past()
+        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, sink_keys, sink_values,
+                              storage.key_offset)
 
     def serve_packed(self, config: PretrainedConfig) -> None:
         """Leave the packed past out of later updates' returned states (and hand it over as ``turboquant_past``)
@@ -430,7 +432,8 @@ class StaticTurboQuantLayer(TurboQuantLayer):
 
     Eager calls (the prefill, or decoding without compile) read the lengths on the host once and behave like the
     dynamic layout: the states returned and the masks asked for have the exact length. Compiled calls use the
-    full ``max_cache_len`` (masks, dense states) or hand the attention a ``StaticPast``.
+    full ``max_cache_len`` (masks, dense states) or hand the attention a ``StaticPast``. Keys are encoded as they are
+    (``center_keys`` and ``sink_tokens`` are settings of the dynamic layout).
     """
 
     is_compileable = True
@@ -585,11 +588,12 @@ class TurboQuantCache(Cache):
         max_cache_len, max_batch_size: the static layout (``StaticTurboQuantLayer``): slots for ``max_cache_len``
             tokens allocated per layer on its first update, at most ``max_batch_size`` sequences (None: any batch);
             ``torch.compile`` and CUDA graphs capture its decode steps, and ``generate`` compiles them by itself on
-            CUDA, as for transformers' ``StaticCache``. No QJL.
+            CUDA, as for transformers' ``StaticCache``. No QJL; ``sink_tokens`` and ``center_keys`` do not apply
+            (every token is encoded as it is into its slot).
     """
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
-                 qjl: bool = False, residual_length: int = 128, sink_tokens: int = 0, rotation: str = "hadamard",
+                 qjl: bool = False, residual_length: int = 128, sink_tokens: int = 4, rotation: str = "hadamard",
                  seed: int = 0, norm_correction: bool = True, center_keys: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
                  model_config: PretrainedConfig | None = None, offloading: bool = False,
                  max_cache_len: int | None = None, max_batch_size: int | None = None):
@@ -619,10 +623,8 @@ class TurboQuantCache(Cache):
             max_cache_len = integer("max_cache_len", max_cache_len)
             if max_cache_len < 1:
                 raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len}")
-            for name in ("qjl", "sink_tokens"):
-                if getattr(config, name) or any(settings.get(name) for settings in config.layer_overrides.values()):
-                    raise ValueError(f"the static layout (max_cache_len=) does not support {name} (set it to its "
-                                     f"default, {_DEFAULTS[name]!r}, or use the dynamic layout)")
+            if config.qjl or any(settings.get("qjl") for settings in config.layer_overrides.values()):
+                raise ValueError("the static layout (max_cache_len=) does not support qjl=True")
             if offloading:
                 raise ValueError(_STATIC_OFFLOADING)
         if max_batch_size is not None:

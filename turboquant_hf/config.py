@@ -63,14 +63,15 @@ class TurboQuantConfig:
         qjl: spend one key bit on the QJL residual stage (unbiased scores; needs key bits 2-4). Values stay MSE.
         residual_length: newest tokens per layer kept in full precision (0: compress every token).
         sink_tokens: oldest tokens per layer kept in full precision (the "attention sinks" that draw much of the
-            attention mass; 0: none). Dynamic layout only.
+            attention mass; 0: none). The dynamic layout only (the static one keeps none).
         rotation: "hadamard" (randomized Hadamard; dense Haar for head dims that are not powers of two) or "dense".
         seed: seeds the rotation and the QJL projection, an int in [0, 2**63).
         norm_correction: store ||x|| / ||c[i]|| so reconstructions keep their length (not applied to QJL keys).
         center_keys: encode keys less their mean over the first tokens compressed (per sequence and kv head), added
             back when they are decoded: keys that share a large component (Qwen2's key bias) keep their small
             differences. Attention over the packed keys reads them centered, the new and window keys shifted alike
-            (a constant shift of a query's scores leaves softmax unchanged). Dynamic layout only.
+            (a constant shift of a query's scores leaves softmax unchanged). The dynamic layout only (the static one
+            encodes keys as they are).
         layer_overrides: {layer index: {setting: value}} for any of ``LAYER_SETTINGS``, e.g.
             ``{0: {"key_bits": 8, "value_bits": 8}}`` keeps the first layer at 8 bits.
 
@@ -83,7 +84,7 @@ class TurboQuantConfig:
     value_bits: int | None = None
     qjl: bool = False
     residual_length: int = 128
-    sink_tokens: int = 0
+    sink_tokens: int = 4
     rotation: str = "hadamard"
     seed: int = 0
     norm_correction: bool = True

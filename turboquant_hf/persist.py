@@ -300,7 +300,7 @@ def _load_compressed(layer, record: dict, prefix: str, tensors: dict[str, torch.
         storage.length = length
         if prefix + "sink_keys" in tensors:
             sink_keys, sink_values = tensors[prefix + "sink_keys"], tensors[prefix + "sink_values"]
-            if sink_keys.shape[-2] > storage.sinks or sink_keys.shape[:2] != window_keys.shape[:2]:
+            if sink_keys.shape[-2] > min(storage.sinks, length) or sink_keys.shape[:2] != window_keys.shape[:2]:
                 raise ValueError(f"{prefix}sink_keys of shape {tuple(sink_keys.shape)} do not fit this layer "
                                  f"(sink_tokens={storage.sinks}, batch and heads {tuple(window_keys.shape[:2])})")
             storage.sink_keys, storage.sink_values = sink_keys.to(device), sink_values.to(device)

@@ -62,14 +62,15 @@ class PackedKV:
 
     keys, values: QuantizedTensor storage with leading shape (B, H, capacity).
     window_keys, window_values: (B, H, r, D) in the model dtype, tokens in full precision.
-    sink_keys, sink_values: (B, H, s, D) in the model dtype, the oldest s <= ``sinks`` tokens in full precision.
+    sink_keys, sink_values: (B, H, s, D) in the model dtype, s = min(length, ``sinks``): exact copies of the first
+        slots' tokens, which attention reads instead of their packed copies (``attended_past``).
     key_offset: (B, H, 1, D) fp32 or None. With ``center_keys`` (dynamic policy), the mean of the first keys encoded
     into the slots, subtracted from every key before it is encoded and added back when slots are decoded: keys
     that share a large component (Qwen2's key bias) keep their small differences, which carry the scores.
 
-    Two policies use it. Dynamic (``TurboQuantLayer``): the first ``sinks`` tokens stay exact as sinks, slots
-    [0, length) hold the next ``length`` tokens, the window the newest r; ``push_window`` / ``flush`` / ``reserve``
-    move tokens along (a flush fills the sinks before the slots). Static
+    Two policies use it. Dynamic (``TurboQuantLayer``): slots [0, length) hold the oldest ``length`` tokens (the
+    first ``sinks`` of them also exact), the window the next r tokens; ``push_window`` / ``flush`` / ``reserve``
+    move tokens along. Static
     (``StaticTurboQuantLayer``, ``ring`` given): every slot is allocated and zeroed up front, every token is encoded
     into its slot when written (``write_at``), and the window is a ring of ``ring`` rows (token p at row p % ring)
     holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
@@ -116,8 +117,8 @@ class PackedKV:
 
     @property
     def tokens(self) -> int:
-        """Tokens held: sinks, slots and window."""
-        return self.sink_length + self.length + self.window_length
+        """Tokens held: slots and window."""
+        return self.length + self.window_length
 
     def nbytes(self) -> int:
         """Bytes of every tensor held: slots (spare capacity included), the window and the sinks."""
@@ -128,6 +129,13 @@ class PackedKV:
         """Views of the first ``length`` (default: all valid) packed keys and values, leading shape (B, H, length)."""
         length = self.length if length is None else length
         return self.keys[:, :, :length], self.values[:, :, :length]
+
+    def attended_past(self) -> tuple[QuantizedTensor, QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
+        """What attention reads of the slots: (packed keys, values after the sinks, leading shape (B, H, length - s);
+        the sinks' exact keys, values (B, H, s, D), or None without sinks)."""
+        s = self.sink_length
+        sinks = (self.sink_keys, self.sink_values) if s else (None, None)
+        return self.keys[:, :, s:self.length], self.values[:, :, s:self.length], *sinks
 
     def reserve(self, capacity: int) -> None:
         """Grow the slots to ``capacity`` (one copy of the valid tokens); no-op when they are already that large."""
@@ -145,13 +153,20 @@ class PackedKV:
         which the first write sets when ``center_keys``."""
         from .kernels import encode_into
 
-        key_states = key_states.detach()
-        if self.center_keys and key_states.shape[-2]:
-            if self.key_offset is None:
-                self.key_offset = key_states.float().mean(dim=-2, keepdim=True)
-            key_states = key_states.float() - self.key_offset
+        key_states, value_states = key_states.detach(), value_states.detach()
+        if start < self.sinks:  # the first tokens are also kept exact (sink_length == min(length, sinks))
+            count = min(self.sinks - start, key_states.shape[-2])
+            self.sink_keys = torch.cat([self.sink_keys[:, :, :start], key_states[:, :, :count]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values[:, :, :start], value_states[:, :, :count]], dim=-2)
+        if self.center_keys:
+            if self.key_offset is None and start + key_states.shape[-2] > self.sinks:
+                # The mean of the first tokens past the sinks (the first token's key is often an outlier, and the
+                # sinks are read exact anyway); the slots of sinks written before it are never read packed.
+                self.key_offset = key_states[:, :, max(self.sinks - start, 0):].float().mean(dim=-2, keepdim=True)
+            if self.key_offset is not None:
+                key_states = key_states.float() - self.key_offset
         encode_into(key_states, self.key_quantizer, self.keys, start)
-        encode_into(value_states.detach(), self.value_quantizer, self.values, start)
+        encode_into(value_states, self.value_quantizer, self.values, start)
         self.synced_rows = min(self.synced_rows, start)
 
     def copy_slots_to(self, keys: QuantizedTensor, values: QuantizedTensor, *, fresh: bool = False) -> bool:
@@ -209,37 +224,27 @@ class PackedKV:
         self.window_values = torch.cat([self.window_values, value_states.detach()], dim=-2)
 
     def flush(self, count: int) -> None:
-        """Move the oldest ``count`` window tokens out of the window: into the sinks while they hold fewer than
-        ``sinks``, the rest compressed into slots [length, length + ...) (reserve them first)."""
-        to_sinks = min(count, self.sinks - self.sink_length)
-        if to_sinks > 0:
-            self.sink_keys = torch.cat([self.sink_keys, self.window_keys[:, :, :to_sinks]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, self.window_values[:, :, :to_sinks]], dim=-2)
-        to_slots = count - max(to_sinks, 0)
-        if to_slots:
-            self.write(self.window_keys[:, :, count - to_slots:count], self.window_values[:, :, count - to_slots:count],
-                       self.length)
-            self.length += to_slots
+        """Compress the oldest ``count`` window tokens into slots [length, length + count) (reserve them first)."""
+        self.write(self.window_keys[:, :, :count], self.window_values[:, :, :count], self.length)
+        self.length += count
         # Clone the kept part: a view would keep the flushed tokens' dense memory alive.
         self.window_keys = self.window_keys[:, :, count:].clone()
         self.window_values = self.window_values[:, :, count:].clone()
 
     def dense(self, key_states: torch.Tensor, value_states: torch.Tensor, *, with_past: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(If ``with_past``, the sinks ++ the dequantized past ++) window ++ the given (B, H, n, D) states, in their
-        dtype."""
-        keys, values = self.past(self.length if with_past else 0)
-        sink_keys, sink_values = (self.sink_keys, self.sink_values) if with_past and self.sink_length else (None, None)
+        """(If ``with_past``, the sinks ++ the dequantized rest of the slots ++) window ++ the given (B, H, n, D)
+        states, in their dtype."""
+        keys, values, sink_keys, sink_values = self.attended_past() if with_past else (*self.past(0), None, None)
         return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys,
                              offset=self.key_offset),
                 dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values))
 
     # ------------------------------------------------------------------------------------ cache operations
     def crop(self, length: int) -> None:
-        """Keep the oldest ``length`` tokens (sinks, packed and window). Exact: each token is encoded on its own."""
+        """Keep the oldest ``length`` tokens (packed and window). Exact: each token is encoded on its own."""
         if length < self.sink_length:
             self.sink_keys, self.sink_values = self.sink_keys[:, :, :length], self.sink_values[:, :, :length]
-        length -= self.sink_length
         if length <= self.length:
             self.length = length
             self.window_keys = self.window_keys[:, :, :0]

@@ -141,14 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--quiet", action="store_true",
                          help="no progress bars or per-cache lines (bars are also off when stderr is not a terminal)")
 
+    def texts_argument(sub, what: str) -> None:
+        sub.add_argument("--text-file", type=_text_file, nargs="+", default=[PROSE_TEXT],
+                         help=f"UTF-8 text file(s) {what} (default: the shipped prose text)")
+
     def caches_argument(sub, default: str) -> None:
         sub.add_argument("--caches", type=_caches, default=_DefaultCaches(default),
                          help=f"comma list of cache specs (default: {default}, less any whose backend is "
                               f"missing); {SPEC_HELP}")
 
     ppl = commands.add_parser("ppl", parents=[model, outputs], help="teacher-forced perplexity through the cache")
-    ppl.add_argument("--text-file", type=_text_file, nargs="+", default=[PROSE_TEXT],
-                     help="UTF-8 text file(s) (default: the shipped prose text)")
+    texts_argument(ppl, "to score")
     ppl.add_argument("--max-tokens", type=_positive_int, default=2048, help="tokens per text (default 2048)")
     ppl.add_argument("--prefill", type=_positive_int, default=256, help="tokens in the first call (default 256)")
     ppl.add_argument("--chunk", type=_positive_int, default=32, help="tokens per later call (default 32)")
@@ -168,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     hay.set_defaults(parser=hay)
 
     gen = commands.add_parser("generate", parents=[model, outputs], help="greedy agreement with DynamicCache")
-    gen.add_argument("--text-file", type=_text_file, nargs="+", default=[PROSE_TEXT],
-                     help="text file(s) the prompts are cut from (default: the shipped prose text)")
+    texts_argument(gen, "the prompts are cut from")
     gen.add_argument("--prompts", type=_positive_int, default=4, help="prompts per text (default 4)")
     gen.add_argument("--prompt-tokens", type=_positive_int, default=256, help="tokens per prompt (default 256)")
     gen.add_argument("--new-tokens", type=_positive_int, default=32, help="greedy tokens per prompt (default 32)")

@@ -15,7 +15,7 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
              | norms=corrected|raw      TurboQuant only: raw = the paper's MSE reconstruction, without
                                         norm correction (see TurboQuantizer)
              | keys=centered|raw        TurboQuant only: raw = keys encoded as they are (center_keys=False)
-             | sinks=<N>                TurboQuant only: the first N tokens kept in full precision
+             | sinks=<N>                TurboQuant only: the first N tokens kept in full precision (default 4)
 
 Every quantized spec compresses every token unless it says ``residual=N``: the figures then measure
 the compression of everything, for TurboQuant and the baselines alike. Example: ``tq3:residual=128``.
@@ -83,11 +83,11 @@ class CacheSpec:
     value_bits: int | None = None
     qjl: bool = False
     residual: int = 0
+    sinks: int = 4
     seed: int = 0
     rotation: str = "hadamard"
     norms: str = "corrected"
     keys: str = "centered"
-    sinks: int = 0
 
     @property
     def name(self) -> str:
@@ -116,7 +116,7 @@ class CacheSpec:
             options.append(f"norms={self.norms}")
         if self.keys != "centered":
             options.append(f"keys={self.keys}")
-        if self.sinks:
+        if self.sinks != 4:
             options.append(f"sinks={self.sinks}")
         return ":".join([self.name, *options])
 
