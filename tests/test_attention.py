@@ -57,7 +57,8 @@ def test_fused_update_returns_no_dense_past():
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), kwargs=attention_kwargs)
     assert layer.serves_packed and keys.shape[2] == window + 1  # the window and the new token only
     assert attention_kwargs["turboquant_layer"] is layer
-    assert attention_kwargs["turboquant_past"].length == past  # the rest is read packed
+    handed = attention_kwargs["turboquant_past"]
+    assert handed.length + handed.sink_keys.shape[2] == past  # the rest is read packed, but the 4 sinks exactly
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # no kwargs: full dense states
     assert keys.shape[2] == layer.get_seq_length()
 

@@ -286,6 +286,7 @@ def test_encode_matches_torch(bits, dim, dtype, rotation, norm_correction):
     _check_encoding(storage, reference, x, quantizer, 6)
 
 
+@small
 @pytest.mark.parametrize("bits", (4, 3, 2))
 def test_encode_at_a_device_start_equals_an_int_start(bits):
     """A tensor start (the static layout's device-side length, read in the kernel) writes the same slots as the int

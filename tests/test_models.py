@@ -501,9 +501,9 @@ def test_llama_half_precision_generate(dtype):
 
 
 # --------------------------------------------------------------------------- attn_implementation="turboquant"
-def _assert_fused_equals_dense_path(case: ModelCase, inputs: dict) -> None:
+def _assert_fused_equals_dense_path(case: ModelCase, inputs: dict, **settings) -> None:
     """Decode attention read from the packed cache == dense attention over the dequantized past."""
-    dense_cache, fused_cache = (turboquant_cache(case, bits=4, residual_length=4) for _ in range(2))
+    dense_cache, fused_cache = (turboquant_cache(case, bits=4, residual_length=4, **settings) for _ in range(2))
     reference_sequences, reference_logits = generate(model_for(case.name), inputs, dense_cache)
     sequences, logits = generate(fused_model_for(case.name), inputs, fused_cache)
 
@@ -522,7 +522,9 @@ def test_fused_attention_equals_dense_path(case):
 
 @over_models(lambda case: not case.vision)
 def test_fused_attention_left_padded_batch_equals_dense_path(case):
-    _assert_fused_equals_dense_path(case, padded_batch_inputs())
+    # Without key centering: its offset averages the padding tokens' keys too, and those differ between the two
+    # paths where a softcapped model's fully masked padding rows give zeros (ours) or a uniform average (eager).
+    _assert_fused_equals_dense_path(case, padded_batch_inputs(), center_keys=False)
 
 
 # ------------------------------------------------------------------------------------ hybrids

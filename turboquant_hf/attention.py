@@ -105,8 +105,8 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         if past.sink_keys is not None:  # the kernel reads them with the window, after the packed tokens
             key, value = torch.cat([past.sink_keys, key], dim=2), torch.cat([past.sink_values, value], dim=2)
             attention_mask = _sinks_after_packed(attention_mask, past.sink_keys.shape[2], past.length)
-        if past.key_offset is not None:
-            key = (key.float() - past.key_offset).to(key.dtype)
+        if past.key_offset is not None:  # fp32: a centered fp16 key may leave fp16's range
+            key = key.float() - past.key_offset
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
                                scale=scale, softcap=softcap, attention_mask=attention_mask)
     else:

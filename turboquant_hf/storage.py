@@ -46,15 +46,26 @@ def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch
     start = 0
     for piece in pieces:
         if piece is past:
-            if past_length:
+            if past_length and offset is None:
                 dequantize_into(past, quantizer, dense[:, :, start:start + past_length])
-                if offset is not None:
-                    dense[:, :, start:start + past_length] += offset
+            elif past_length:  # centered keys: decode and add the offset in fp32, then round (saturating) once
+                centered = torch.empty(dense[:, :, start:start + past_length].shape, device=dense.device)
+                dequantize_into(past, quantizer, centered)
+                limit = torch.finfo(dense.dtype).max
+                dense[:, :, start:start + past_length] = (centered + offset).clamp_(-limit, limit)
             start += past_length
         else:
             dense[:, :, start:start + piece.shape[-2]] = piece
             start += piece.shape[-2]
     return dense
+
+
+def _finite_mean(states: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, D) -> (B, H, 1, D) fp32: the mean of the vectors whose coordinates are all finite (summed in float64:
+    no overflow), zeros where there is none. A non-finite token must not spoil the others through the offset."""
+    finite = torch.isfinite(states).all(dim=-1, keepdim=True)
+    total = torch.where(finite, states.double(), 0.0).sum(dim=-2, keepdim=True)
+    return (total / finite.sum(dim=-2, keepdim=True).clamp(min=1)).float()
 
 
 class PackedKV:
@@ -162,7 +173,7 @@ class PackedKV:
             if self.key_offset is None and start + key_states.shape[-2] > self.sinks:
                 # The mean of the first tokens past the sinks (the first token's key is often an outlier, and the
                 # sinks are read exact anyway); the slots of sinks written before it are never read packed.
-                self.key_offset = key_states[:, :, max(self.sinks - start, 0):].float().mean(dim=-2, keepdim=True)
+                self.key_offset = _finite_mean(key_states[:, :, max(self.sinks - start, 0):])
             if self.key_offset is not None:
                 key_states = key_states.float() - self.key_offset
         encode_into(key_states, self.key_quantizer, self.keys, start)
