@@ -75,16 +75,15 @@ class PackedKV:
     window_keys, window_values: (B, H, r, D) in the model dtype, tokens in full precision.
     sink_keys, sink_values: (B, H, s, D) in the model dtype, s = min(length, ``sinks``): exact copies of the first
         slots' tokens, which attention reads instead of their packed copies (``attended_past``).
-    key_offset: (B, H, 1, D) fp32 or None. With ``center_keys`` (dynamic policy), the mean of the first keys encoded
-    into the slots, subtracted from every key before it is encoded and added back when slots are decoded: keys
-    that share a large component (Qwen2's key bias) keep their small differences, which carry the scores.
+    key_offset: (B, H, 1, D) fp32 or None. With ``center_keys`` (dynamic policy), the mean of the first finite keys
+        encoded into the slots after the sinks, subtracted from every key before it is encoded and added back when
+        slots are decoded: keys that share a large component (Qwen2's key bias) keep their small differences.
 
     Two policies use it. Dynamic (``TurboQuantLayer``): slots [0, length) hold the oldest ``length`` tokens (the
     first ``sinks`` of them also exact), the window the next r tokens; ``push_window`` / ``flush`` / ``reserve``
-    move tokens along. Static
-    (``StaticTurboQuantLayer``, ``ring`` given): every slot is allocated and zeroed up front, every token is encoded
-    into its slot when written (``write_at``), and the window is a ring of ``ring`` rows (token p at row p % ring)
-    holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
+    move tokens along. Static (``StaticTurboQuantLayer``, ``ring`` given; no sinks, keys not centered): every slot
+    is allocated and zeroed up front, every token is encoded into its slot when written (``write_at``), and the
+    window is a ring of ``ring`` rows (token p at row p % ring) holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
     and continued).
     """
 
