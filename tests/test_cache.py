@@ -65,7 +65,7 @@ def test_layer_returns_compressed_past_window_and_exact_new_tokens(residual_leng
     first_block = compressed_before or compressed_after(12)
     offset = torch.zeros(2, 2, 1, 64)
     if center_keys and first_block:
-        offset = all_keys[:, :, :first_block].mean(dim=-2, keepdim=True)
+        offset = all_keys[:, :, :first_block].double().mean(dim=-2, keepdim=True).float()  # float64, as stored
     key_quantizer, value_quantizer = TurboQuantizer(64, 4), TurboQuantizer(64, 3)
     expected_keys = all_keys.clone()
     expected_values = all_values.clone()
