@@ -55,7 +55,7 @@ run_kld() {  # name for the files, tokens per text, model arguments; runs both t
     done
 }
 if [ "${2:-}" = centering ]; then  # benchmarks/results/cpu_center_sinks.md (one process at a time)
-    RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0
+    RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0,tq2,tq4:residual=128:keys=raw:sinks=0,tq4:residual=128
     "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/prose_harbour_almanac.txt" \
         "$TEXTS/textwrap_py3117.txt" --max-tokens 2049 --prefill 256 --chunk 64 --caches "dynamic,$RAW" \
         --json "$OUT/cpu_center_sinks_smollm2.json" --markdown "$OUT/cpu_center_sinks_smollm2.md"
