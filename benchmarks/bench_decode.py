@@ -192,7 +192,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
     compiled = compiled and compiled_forward is not None
     device = model.device
     warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
-    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + getattr(args, "profile", 0) + MARGIN)
+    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + args.profile + MARGIN)
     model.set_attn_implementation(impl)
     cache_argument = cache_kwarg(model)
     step_forward = compiled_forward if compiled else model
@@ -231,7 +231,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
         synchronize(device)
         step_ms.append(1e3 * (time.perf_counter() - start))
 
-    profile = profile_steps(step, token, args.profile, device) if getattr(args, "profile", 0) and device.type == "cuda" else None
+    profile = profile_steps(step, token, args.profile, device) if args.profile and device.type == "cuda" else None
     tokens = int(cache.get_seq_length())
     read = cache_read_bytes(read_kind, cache, model.config, batch, tokens)
     row = {

@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every row")
     args = parser.parse_args()
     args.max_cache_len = None  # run_config reads it (static caches only)
+    args.profile = 0  # and this (bench_decode.py --profile)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_offload.py: no CUDA GPU here (use --device cpu for a smoke test)")

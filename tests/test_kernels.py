@@ -561,6 +561,19 @@ def test_static_decode_attention_equals_the_dynamic_call(case, length, floor):
 
 
 @small
+def test_decode_attention_takes_fp32_window_keys_beside_half_precision_queries():
+    """What the fused path hands the kernel with centered keys: the window's keys less the offset in fp32, values and
+    queries in bf16. The kernel reads each window tensor in its own dtype, like the twin."""
+    (query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values), kwargs = AttentionCase(
+        1, 2, 2, 64, 100, 1, 4, 4, 6, torch.bfloat16).build(seed=5)
+    args = (query, keys, values, key_quantizer, value_quantizer, residual_keys.float() * 3.0, residual_values)
+    out = attention_mod.decode_attention_triton(*args, **kwargs)
+    twin = attention_mod.decode_attention_torch(*args, **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert _relative_error(out, twin) <= 1e-5 + 2 * EPS[torch.bfloat16]
+
+
+@small
 def test_decode_attention_fully_masked_row_is_zero():
     case = AttentionCase(2, 1, 2, 64, 50, 1, 4, 4, 2)
     args, kwargs = case.build()

@@ -100,8 +100,8 @@ class TurboQuantConfig:
         set_("qjl", _flag("qjl", self.qjl))
         set_("norm_correction", _flag("norm_correction", self.norm_correction))
         set_("center_keys", _flag("center_keys", self.center_keys))
-        set_("residual_length", _residual_length("residual_length", self.residual_length))
-        set_("sink_tokens", _residual_length("sink_tokens", self.sink_tokens))
+        set_("residual_length", _token_count("residual_length", self.residual_length))
+        set_("sink_tokens", _token_count("sink_tokens", self.sink_tokens))
         if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         seed = integer("seed", self.seed)
@@ -138,8 +138,8 @@ class TurboQuantConfig:
             raise ValueError(f"qjl=True needs key_bits in (2, 3, 4) (one bit goes to QJL), got {key_bits}{where}")
         return LayerSettings(
             key_bits=key_bits, value_bits=_bits("value_bits" + where, values["value_bits"]), qjl=qjl,
-            residual_length=_residual_length("residual_length" + where, values["residual_length"]),
-            sink_tokens=_residual_length("sink_tokens" + where, values["sink_tokens"]),
+            residual_length=_token_count("residual_length" + where, values["residual_length"]),
+            sink_tokens=_token_count("sink_tokens" + where, values["sink_tokens"]),
             norm_correction=_flag("norm_correction" + where, values["norm_correction"]),
             rotation=self.rotation, seed=self.seed, center_keys=self.center_keys,
         )
@@ -161,7 +161,7 @@ class TurboQuantConfig:
         return cls(**values)
 
 
-def _residual_length(name: str, value: Any) -> int:
+def _token_count(name: str, value: Any) -> int:
     """A token count (residual_length, sink_tokens): an int >= 0."""
     length = integer(name, value)
     if length < 0:
