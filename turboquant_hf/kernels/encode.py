@@ -69,21 +69,34 @@ def _bucketize(y, boundaries_ptr, BITS: tl.constexpr):
 @triton.jit(do_not_specialize=["n_tokens", "start"])
 def _encode_kernel(
     x_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
+    y_ptr, stride_yb, stride_yh, stride_yn, stride_yd,
     rot_ptr, boundaries_ptr, centroids_ptr,
-    packed_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
-    scales_ptr, stride_sb, stride_sh, stride_sn,
+    packed_ptr, packed_y_ptr, stride_pb, stride_ph, stride_pn, stride_pbyte,
+    scales_ptr, scales_y_ptr, stride_sb, stride_sh, stride_sn,
     heads, n_tokens, start, start_ptr, rot_scale,
     HEAD_DIM: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_COL: tl.constexpr,
-    ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr, DEVICE_START: tl.constexpr,
+    ROT_PIECES: tl.constexpr, NORM_CORRECTION: tl.constexpr, DEVICE_START: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """Rows [start, start + n_tokens) of one (batch, head); DEVICE_START: start is read from start_ptr (int64), so
-    a CUDA graph replays the launch as the cache grows."""
+    """Rows [start, start + n_tokens) of one (batch, head) of x into (packed, scales); DEVICE_START: start is read
+    from start_ptr (int64), so a CUDA graph replays the launch as the cache grows. PAIR: grid axis 2 picks x or
+    y -> (packed_y, scales_y), which share the quantizer, dtype and slot strides: keys and values in one launch."""
     if DEVICE_START:
         start = tl.load(start_ptr)
     b, h, rows, row_valid = row_block(heads, n_tokens, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    x_rows = x_ptr + b * stride_xb + h * stride_xh + rows.to(tl.int64) * stride_xn
-    x = tl.load(x_rows[:, None] + dims[None, :] * stride_xd, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    rows64 = rows.to(tl.int64)
+    x_ptrs = x_ptr + b * stride_xb + h * stride_xh + rows64[:, None] * stride_xn + dims[None, :] * stride_xd
+    slot = start + rows64
+    slot_offsets = b * stride_pb + h * stride_ph + slot * stride_pn
+    scale_offsets = b * stride_sb + h * stride_sh + slot * stride_sn
+    packed_rows = packed_ptr + slot_offsets
+    scale_ptrs = scales_ptr + scale_offsets
+    if PAIR:
+        if tl.program_id(2) == 1:
+            x_ptrs = y_ptr + b * stride_yb + h * stride_yh + rows64[:, None] * stride_yn + dims[None, :] * stride_yd
+            packed_rows = packed_y_ptr + slot_offsets
+            scale_ptrs = scales_y_ptr + scale_offsets
+    x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
     # ||x|| = m ||x / m||, m = max |x_j|, like the torch twin: no overflow of the sum of squares above ~1.8e19, no
     # underflow of tiny vectors. Zero vectors divide by 1: their norm of 0 decodes them to exact zeros.
     max_abs = tl.max(tl.abs(x), axis=1)
@@ -93,9 +106,7 @@ def _encode_kernel(
     # |unit| <= 1: safe to split into fp16.
     unit_hi, unit_lo = split_fp16(scaled * (1.0 / tl.where(scaled_norms > 0, scaled_norms, 1.0))[:, None])
 
-    slot = start + rows.to(tl.int64)
     centroid_sq = tl.zeros((BLOCK_M,), tl.float32)  # ||c[i]||^2, summed column block by column block
-    packed_rows = packed_ptr + b * stride_pb + h * stride_ph + slot * stride_pn
     PER_BYTE: tl.constexpr = 8 // BITS  # indices per byte (unused at 3 bits: those pack by 3-byte groups)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
         rotated = rotate_columns(unit_hi, unit_lo, rot_ptr, col0, HEAD_DIM, BLOCK_COL, 2, ROT_PIECES) * rot_scale
@@ -119,7 +130,7 @@ def _encode_kernel(
             tl.store(byte_ptrs, packed.to(tl.uint8), mask=row_valid[:, None])
     if NORM_CORRECTION:
         scales = scales / tl.sqrt(centroid_sq)
-    tl.store(scales_ptr + b * stride_sb + h * stride_sh + slot * stride_sn, scales, mask=row_valid)
+    tl.store(scale_ptrs, scales, mask=row_valid)
 
 
 def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor, start: int | torch.Tensor) -> None:
@@ -142,13 +153,17 @@ def _check(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
 
 
 def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
-                      start: int | torch.Tensor) -> None:
+                      start: int | torch.Tensor, also: tuple[torch.Tensor, QuantizedTensor] | None = None) -> None:
     """Write the encoding of x into storage[:, :, start:start + n] (torch reference).
 
     x: (batch, heads, n, dim) fp16/bf16/fp32; storage: QuantizedTensor with leading shape
     (batch, heads, capacity), written in place. start: an int, or an int64 tensor on x.device whose first element
-    is the start (read on the device: no host sync, and no capacity check).
+    is the start (read on the device: no host sync, and no capacity check). also: a second (states, storage)
+    encoded alike (the Triton kernel takes both in one launch).
     """
+    if also is not None:
+        second_x, second = also
+        encode_into_torch(second_x, quantizer, second, start)
     _check(x, quantizer, storage, start)
     encoded = quantizer.quantize(x, check_finite=False)
     if isinstance(start, torch.Tensor):
@@ -164,11 +179,18 @@ def encode_into_torch(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quant
 
 
 def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
-                       start: int | torch.Tensor) -> None:
+                       start: int | torch.Tensor, also: tuple[torch.Tensor, QuantizedTensor] | None = None) -> None:
     """Same contract as ``encode_into_torch`` (ValueError for QJL quantizers and head dims that are not a power of
-    two >= 16, which ``encode_into`` sends to the torch twin)."""
+    two >= 16, which ``encode_into`` sends to the torch twin). ``also``: a second (states, storage) of x's shape
+    and dtype, storage shaped and strided like ``storage``, encoded by the same quantizer in the same launch."""
     check_supported("encode", quantizer)
     _check(x, quantizer, storage, start)
+    second_x, second = (x, storage) if also is None else also
+    if also is not None:
+        _check(second_x, quantizer, second, start)
+        if (second_x.shape, second_x.dtype) != (x.shape, x.dtype) or any(
+                a.stride() != b.stride() for a, b in zip(storage.tensors(), second.tensors())):
+            raise ValueError("also: states must match x in shape and dtype, and its storage the strides of storage")
     batch, heads, n_tokens, dim = x.shape
     if n_tokens == 0:
         return None
@@ -176,23 +198,40 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     packed, scales = storage.packed_indices, storage.scales
     device_start = isinstance(start, torch.Tensor)
     block_m, num_warps = row_launch(_LAUNCH, x.device, dim, n_tokens)
-    grid = (cdiv(n_tokens, block_m), batch * heads)
+    grid = (cdiv(n_tokens, block_m), batch * heads, 1 if also is None else 2)
     with launch_device(x.device):
         _encode_kernel[grid](
             x, *x.stride(),
+            second_x, *second_x.stride(),
             operands.rotate, state.boundaries, state.centroids,
-            packed, *packed.stride(),
-            scales, *scales.stride(),
+            packed, second.packed_indices, *packed.stride(),
+            scales, second.scales, *scales.stride(),
             heads, n_tokens, *((0, start) if device_start else (start, scales)), operands.rotate_scale,
             HEAD_DIM=dim, BITS=quantizer.mse_bits, BLOCK_M=block_m, BLOCK_COL=column_block(dim),
             ROT_PIECES=operands.rotate.shape[0],
-            NORM_CORRECTION=quantizer.norm_correction, DEVICE_START=device_start, num_warps=num_warps,
+            NORM_CORRECTION=quantizer.norm_correction, DEVICE_START=device_start, PAIR=also is not None,
+            num_warps=num_warps,
         )
     return None
 
 
 def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTensor,
-                start: int | torch.Tensor) -> None:
-    """Encode x (batch, heads, n, dim) into storage[:, :, start:start + n] with the backend for x.device."""
+                start: int | torch.Tensor, also: tuple[torch.Tensor, QuantizedTensor] | None = None) -> None:
+    """Encode x (batch, heads, n, dim) (and ``also``) into storage[:, :, start:start + n] with the backend for
+    x.device."""
     run = encode_into_triton if use_triton(x.device, "encode", quantizer) else encode_into_torch
-    return run(x, quantizer, storage, start)
+    return run(x, quantizer, storage, start, also)
+
+
+def encode_pair_into(keys: torch.Tensor, values: torch.Tensor, key_quantizer: TurboQuantizer,
+                     value_quantizer: TurboQuantizer, key_storage: QuantizedTensor, value_storage: QuantizedTensor,
+                     start: int | torch.Tensor) -> None:
+    """``encode_into`` for keys and values (B, H, n, D), as one call (one Triton launch) when they share the
+    quantizer (bits and seed), dtype and storage strides, as a decode step's keys and values do: a launch per layer
+    less. Otherwise one call each."""
+    if (key_quantizer is value_quantizer and (keys.shape, keys.dtype) == (values.shape, values.dtype)
+            and all(a.stride() == b.stride() for a, b in zip(key_storage.tensors(), value_storage.tensors()))):
+        encode_into(keys, key_quantizer, key_storage, start, also=(values, value_storage))
+    else:
+        encode_into(keys, key_quantizer, key_storage, start)
+        encode_into(values, value_quantizer, value_storage, start)
