@@ -31,9 +31,11 @@ max_memory_allocated over cache creation + prefill + decode, less the weights' b
 object holds after decoding. A row is OOM when torch.OutOfMemoryError was raised (memory is freed and the run goes
 on); a config this machine cannot build is skipped with its reason.
 
---profile N runs N more steps under torch.profiler (CUDA activity only, kernels inside CUDA graphs included) and
-prints, per row, the GPU time per step (the sum of its kernels' times: against the step time, how much of the step
-the GPU is busy) and the kernels that take most of it, per step; the JSON keeps the top 25 ("profile").
+--profile N runs N more steps without synchronizing between them (the host's time to issue a step) and N under
+torch.profiler (kernels inside CUDA graphs included) and prints, per row, the GPU time per step (the sum of its
+kernels' times: against the step time, how much of the step the GPU is busy), the CUDA graph launches per step
+(one when the whole step is one graph), the host ms per step, and the kernels that take most of the GPU time; the
+JSON keeps the top 25 ("profile").
 """
 
 from __future__ import annotations
@@ -154,18 +156,28 @@ def cache_read_bytes(kind: str, cache, config, batch: int, tokens: int) -> int:
 
 
 def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> dict:
-    """Run ``steps`` decode steps under torch.profiler: GPU ms per step and the top kernels (ms and launches per
-    step)."""
+    """Run ``steps`` decode steps without a synchronize between them (host ms per step: how long the host takes
+    to issue one, when the GPU does not hold it back), then ``steps`` more under torch.profiler: GPU ms per step,
+    CUDA graph launches per step, and the top kernels (ms and launches per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = step(token)
+    host_ms = 1e3 * (time.perf_counter() - start) / steps
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
             token = step(token)
         synchronize(device)
+    events = profiler.key_averages()
     kernels = [(event.key, getattr(event, "device_time_total", 0.0) / 1e3 / steps, event.count / steps)
-               for event in profiler.key_averages()]
+               for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
     kernels = sorted((kernel for kernel in kernels if kernel[1] > 0), key=lambda kernel: -kernel[1])
-    return {"gpu_ms_per_step": sum(kernel[1] for kernel in kernels),
+    graph_launches = sum(event.count for event in events if event.key == "cudaGraphLaunch") / steps
+    return {"gpu_ms_per_step": sum(kernel[1] for kernel in kernels), "host_ms_per_step": host_ms,
+            "graph_launches_per_step": graph_launches,
             "launches_per_step": sum(kernel[2] for kernel in kernels),
             "top": [{"kernel": name[:160], "ms_per_step": ms, "launches_per_step": count}
                     for name, ms, count in kernels[:25]]}
@@ -174,7 +186,9 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -
 def print_profile(row: dict) -> None:
     profile = row["profile"]
     print(f"  profile {row['config']} B={row['batch']} prompt={row['prompt']}: GPU busy {profile['gpu_ms_per_step']:.2f} "
-          f"ms of a {row['step_ms_median']:.2f} ms step, {profile['launches_per_step']:.0f} kernels per step")
+          f"ms of a {row['step_ms_median']:.2f} ms step, {profile['launches_per_step']:.0f} kernels and "
+          f"{profile['graph_launches_per_step']:.0f} CUDA graph launches per step; the host issues a step in "
+          f"{profile['host_ms_per_step']:.2f} ms")
     for kernel in profile["top"][:12]:
         print(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['launches_per_step']:<5.0f} {kernel['kernel'][:110]}")
 
@@ -192,7 +206,7 @@ def run_config(model, name: str, batch: int, prompt: int, args, compiled_forward
     compiled = compiled and compiled_forward is not None
     device = model.device
     warmup = WARMUP_COMPILED if compiled else WARMUP_EAGER
-    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + args.profile + MARGIN)
+    max_cache_len = max(args.max_cache_len or 0, prompt + warmup + args.steps + 2 * args.profile + MARGIN)
     model.set_attn_implementation(impl)
     cache_argument = cache_kwarg(model)
     step_forward = compiled_forward if compiled else model
