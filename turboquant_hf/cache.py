@@ -460,9 +460,13 @@ class StaticTurboQuantLayer(TurboQuantLayer):
         self.specs = quantizer_spec(self.storage.key_quantizer), quantizer_spec(self.storage.value_quantizer)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
-        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay over them
+        if not torch.compiler.is_compiling():
             for tensor in (*self.storage.tensors(), self.lengths):
-                torch._dynamo.mark_static_address(tensor)
+                torch._dynamo.mark_static_address(tensor)  # fixed addresses: CUDA graphs replay over them
+                # Fixed shapes too: with symbolic sizes (torch.compile(dynamic=True)) every call evaluated a Python
+                # guard per size relation of every layer's tensors, ~60 us of host time per layer and step on an
+                # H200 host (bench_decode.py --profile: "the host issues a step in").
+                torch._dynamo.mark_static(tensor)
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super()._check_states(key_states, value_states)
