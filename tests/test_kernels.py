@@ -540,11 +540,8 @@ SMALL_CASES = [
 
 
 @small
-@pytest.mark.parametrize("rotate_in_split", (True, False), ids=("query-rotated-in-split", "query-rotation-kernel"))
 @pytest.mark.parametrize("case", SMALL_CASES, ids=str)
-def test_decode_attention_matches_torch_and_float64(case, rotate_in_split, monkeypatch):
-    """Both ways to rotate the query: in each split program (few splits) or in its own launch first."""
-    monkeypatch.setattr(attention_mod, "_ROTATE_IN_SPLIT_MAX", 1 << 30 if rotate_in_split else -1)
+def test_decode_attention_matches_torch_and_float64(case):
     args, kwargs = case.build()
     out = attention_mod.decode_attention_triton(*args, **kwargs)
     twin = attention_mod.decode_attention_torch(*args, **kwargs)

@@ -1,9 +1,8 @@
 """Attention of a few new query tokens over a compressed KV cache: fused Triton kernel + torch twin.
 
-Layout of the Triton path (two or three launches, no host sync):
+Layout of the Triton path (three launches, no host sync):
 
-1. ``_rotate_query_kernel``: q_rot = scale * q R^T once per call (fp32), in the key rotation's basis. With at
-   most ``_ROTATE_IN_SPLIT_MAX`` splits (short contexts) each split program rotates its query rows itself instead.
+1. ``_rotate_query_kernel``: q_rot = scale * q R^T once per call (fp32), in the key rotation's basis.
 2. ``_split_kernel``, grid (splits + 1, batch * kv_heads, row blocks). Splits 0..splits-1 each take a
    slice of the compressed past; a program owns one kv head and all ``group * M`` query rows that read it
    (GQA without repeating K/V), so the packed K/V (D * bits / 8 + 4 bytes per vector) is read once.
@@ -15,8 +14,8 @@ Layout of the Triton path (two or three launches, no host sync):
 3. ``_merge_kernel``: log-sum-exp merge of the partials, one rotation back to the model basis, the
    residual partial added, (B, Hq, M, D) written in the query dtype.
 
-Numerics: softmax statistics and accumulators are fp32; the two rotations run once per call (the query's once per
-program when the splits rotate it), as tensor-core dots with exact products (``rotate.rotate_columns``).
+Numerics: softmax statistics and accumulators are fp32; the two rotations run once per call, as tensor-core dots
+with exact products (``rotate.rotate_columns``).
 The per-token dots run on fp16 tensor cores at about fp32 accuracy: the decoded centroids are exact fp16
 values (``TurboQuantizer`` rounds its codebook to fp16), and the fp32 side (scaled rotated queries,
 softmax weights times value norms) is split into fp16 hi + lo, two dots accumulated in fp32. The dense
@@ -40,9 +39,6 @@ from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
-# Up to this many splits the split kernel rotates the query itself instead of _rotate_query_kernel (one launch
-# less per call, which is most of a short context's cost; each split program then reads the rotation).
-_ROTATE_IN_SPLIT_MAX = 4
 
 
 @triton.jit
@@ -120,22 +116,6 @@ def _phase(gathered, j: tl.constexpr, PHASES: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(query_ptr, stride_qb, stride_qh, stride_qm, stride_qd, b, h, rows, group, n_queries,
-                HEAD_DIM: tl.constexpr, TILE_PIECES: tl.constexpr):
-    """The query rows ``rows`` (r: head h * group + r // M, token r % M) of (batch b, kv head h) as the (hi, lo)
-    fp16 pieces ``rotate_columns`` takes (hi = lo = the tile for fp16 queries); padding rows read row 0."""
-    # Padding rows (r >= group * M) alias a real row: their results are never stored to the output.
-    real_rows = tl.where(rows < group * n_queries, rows, 0)
-    q_rows = (query_ptr + b * stride_qb + (h * group + real_rows // n_queries) * stride_qh
-              + (real_rows % n_queries) * stride_qm)
-    query = tl.load(q_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :] * stride_qd)
-    q_hi, q_lo = query, query  # fp16: exact as it is
-    if TILE_PIECES > 1:
-        q_hi, q_lo = split_fp16(query.to(tl.float32))
-    return q_hi, q_lo
-
-
-@triton.jit
 def _rotate_query_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     rot_ptr, q_rot_ptr,
@@ -149,8 +129,14 @@ def _rotate_query_kernel(
     b = (pid_bh // kv_heads).to(tl.int64)
     h = (pid_bh % kv_heads).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    q_hi, q_lo = _query_tile(query_ptr, stride_qb, stride_qh, stride_qm, stride_qd, b, h, rows, group, n_queries,
-                             HEAD_DIM, TILE_PIECES)
+    # Padding rows (r >= group * M) alias a real row: their results are never stored to the output.
+    real_rows = tl.where(rows < group * n_queries, rows, 0)
+    q_rows = (query_ptr + b * stride_qb + (h * group + real_rows // n_queries) * stride_qh
+              + (real_rows % n_queries) * stride_qm)
+    query = tl.load(q_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :] * stride_qd)
+    q_hi, q_lo = query, query  # fp16: exact as it is
+    if TILE_PIECES > 1:
+        q_hi, q_lo = split_fp16(query.to(tl.float32))
     out_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
     cols = tl.arange(0, BLOCK_COL)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
@@ -158,26 +144,12 @@ def _rotate_query_kernel(
         tl.store(out_rows[:, None] + (col0 + cols)[None, :], q_rot * scale)
 
 
-@triton.jit
-def _query_phase(q_hi, q_lo, q_rot_rows, rot_ptr, rot_scale, j: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 K_PHASES: tl.constexpr, TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr,
-                 ROTATE_QUERY: tl.constexpr):
-    """Phase j (columns j, j + K_PHASES, ...) of the scaled rotated query rows as fp16 (hi, lo): rotated here from
-    the query tile (q_hi, q_lo) when ROTATE_QUERY, else read from the rows _rotate_query_kernel wrote."""
-    WIDTH: tl.constexpr = HEAD_DIM // K_PHASES
-    if ROTATE_QUERY:
-        phase = rotate_columns(q_hi, q_lo, rot_ptr, j, HEAD_DIM, WIDTH, TILE_PIECES, ROT_PIECES, K_PHASES) * rot_scale
-    else:
-        phase = tl.load(q_rot_rows[:, None] + (tl.arange(0, WIDTH) * K_PHASES + j)[None, :])
-    return split_fp16(phase)
-
-
 # Lengths change every decode step: specializing on them (Triton's default for ints) would recompile mid-generation.
 @triton.jit(do_not_specialize=["stride_mb", "stride_mh", "stride_mm", "compressed_len", "residual_len", "num_splits",
                                "split_len", "ring"])
 def _split_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
-    q_rot_ptr, rot_ptr, rot_scale,
+    q_rot_ptr,
     k_packed_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpbyte,
     k_scales_ptr, stride_ksb, stride_ksh, stride_ksn,
     v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
@@ -193,7 +165,6 @@ def _split_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     RESIDUAL_BLOCK_N: tl.constexpr, DEVICE_LENGTH: tl.constexpr,
-    ROTATE_QUERY: tl.constexpr, TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr,
 ):
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
 
@@ -236,6 +207,7 @@ def _split_kernel(
         K_WIDTH: tl.constexpr = HEAD_DIM // K_PHASES
         V_WIDTH: tl.constexpr = HEAD_DIM // V_PHASES
         q_rot_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
+        k_columns = tl.arange(0, K_WIDTH) * K_PHASES
         v_columns = tl.arange(0, V_WIDTH) * V_PHASES
         acc0 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
         acc1 = tl.zeros((BLOCK_R, V_WIDTH), tl.float32)
@@ -246,23 +218,15 @@ def _split_kernel(
         k_scales = k_scales_ptr + b * stride_ksb + h * stride_ksh
         v_scales = v_scales_ptr + b * stride_vsb + h * stride_vsh
         # The scaled rotated query, phase by phase, split into fp16 hi + lo once (loop-invariant).
-        tile_hi, tile_lo = q_rot_ptr, q_rot_ptr  # the query tile, read only when rotated here
-        if ROTATE_QUERY:
-            tile_hi, tile_lo = _query_tile(query_ptr, stride_qb, stride_qh, stride_qm, stride_qd, b, h, rows, group,
-                                           n_queries, HEAD_DIM, TILE_PIECES)
-        q_hi0, q_lo0 = _query_phase(tile_hi, tile_lo, q_rot_rows, rot_ptr, rot_scale, 0, HEAD_DIM, K_PHASES,
-                                    TILE_PIECES, ROT_PIECES, ROTATE_QUERY)
+        q_hi0, q_lo0 = split_fp16(tl.load(q_rot_rows[:, None] + k_columns[None, :]))
         q_hi1, q_lo1 = q_hi0, q_lo0
         q_hi2, q_lo2 = q_hi0, q_lo0
         q_hi3, q_lo3 = q_hi0, q_lo0
         if K_PHASES > 1:
-            q_hi1, q_lo1 = _query_phase(tile_hi, tile_lo, q_rot_rows, rot_ptr, rot_scale, 1, HEAD_DIM, K_PHASES,
-                                        TILE_PIECES, ROT_PIECES, ROTATE_QUERY)
+            q_hi1, q_lo1 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 1)[None, :]))
         if K_PHASES > 2:
-            q_hi2, q_lo2 = _query_phase(tile_hi, tile_lo, q_rot_rows, rot_ptr, rot_scale, 2, HEAD_DIM, K_PHASES,
-                                        TILE_PIECES, ROT_PIECES, ROTATE_QUERY)
-            q_hi3, q_lo3 = _query_phase(tile_hi, tile_lo, q_rot_rows, rot_ptr, rot_scale, 3, HEAD_DIM, K_PHASES,
-                                        TILE_PIECES, ROT_PIECES, ROTATE_QUERY)
+            q_hi2, q_lo2 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 2)[None, :]))
+            q_hi3, q_lo3 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 3)[None, :]))
         start = split * split_len
         stop = tl.minimum(start + split_len, compressed_len)
         for n0 in range(start, stop, BLOCK_N):
@@ -612,24 +576,18 @@ def decode_attention_triton(
     else:
         rk_strides, rv_strides = residual_keys.stride(), residual_values.stride()
 
-    # Few splits: each rotates its own query rows (a launch less, the rotation read from L2 once per program).
-    rotate_in_split = splits <= _ROTATE_IN_SPLIT_MAX
-    q_rot_scale = float(scale) * key_operands.rotate_scale
-    rot_pieces, query_pieces = key_operands.rotate.shape[0], tile_pieces(query.dtype)
-    q_rot = query if rotate_in_split else torch.empty((batch * kv_heads, padded_rows, dim), device=device,
-                                                      dtype=torch.float32)
+    q_rot = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
     with launch_device(device):
-        if not rotate_in_split:
-            _rotate_query_kernel[(batch * kv_heads, row_blocks)](
-                query, *query.stride(),
-                key_operands.rotate, q_rot,
-                kv_heads, group, n_queries, padded_rows, q_rot_scale,
-                HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
-                TILE_PIECES=query_pieces, ROT_PIECES=rot_pieces, num_warps=4,
-            )
+        _rotate_query_kernel[(batch * kv_heads, row_blocks)](
+            query, *query.stride(),
+            key_operands.rotate, q_rot,
+            kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale,
+            HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
+            TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0], num_warps=4,
+        )
         _split_kernel[(slots, batch * kv_heads, row_blocks)](
             query, *query.stride(),
-            q_rot, key_operands.rotate, q_rot_scale,
+            q_rot,
             keys.packed_indices, *keys.packed_indices.stride(),
             keys.scales, *keys.scales.stride(),
             values.packed_indices, *values.packed_indices.stride(),
@@ -647,7 +605,6 @@ def decode_attention_triton(
             K_PHASES=key_phases, V_PHASES=value_phases,
             HAS_RESIDUAL=residual_len > 0,
             MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, DEVICE_LENGTH=length is not None,
-            ROTATE_QUERY=rotate_in_split, TILE_PIECES=query_pieces, ROT_PIECES=rot_pieces,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
         _merge_kernel[(batch * kv_heads, row_blocks)](

@@ -41,13 +41,13 @@ def split_fp16(a):
 
 @triton.jit
 def rotate_columns(hi, lo, pieces_ptr, col0, HEAD_DIM: tl.constexpr, BLOCK_COL: tl.constexpr,
-                   TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr, COL_STRIDE: tl.constexpr = 1):
-    """Columns col0, col0 + COL_STRIDE, ... (BLOCK_COL of them) of tile @ (sum of the ROT_PIECES fp16
-    (HEAD_DIM, HEAD_DIM) matrices at pieces_ptr), fp32 (ROWS, BLOCK_COL). tile (ROWS, HEAD_DIM) = hi when
-    TILE_PIECES == 1 (an fp16 tile; lo is ignored), else hi + lo (``split_fp16`` of an fp32 tile). Dots of piece
-    pairs (i, j) with i + j < max(TILE_PIECES, ROT_PIECES), accumulated in fp32."""
+                   TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr):
+    """Columns col0 .. col0 + BLOCK_COL of tile @ (sum of the ROT_PIECES fp16 (HEAD_DIM, HEAD_DIM) matrices at
+    pieces_ptr), fp32 (ROWS, BLOCK_COL). tile (ROWS, HEAD_DIM) = hi when TILE_PIECES == 1 (an fp16 tile; lo is
+    ignored), else hi + lo (``split_fp16`` of an fp32 tile). Dots of piece pairs (i, j) with
+    i + j < max(TILE_PIECES, ROT_PIECES), accumulated in fp32."""
     rows = tl.arange(0, HEAD_DIM)
-    cols = col0 + tl.arange(0, BLOCK_COL) * COL_STRIDE
+    cols = col0 + tl.arange(0, BLOCK_COL)
     acc = tl.zeros((hi.shape[0], BLOCK_COL), tl.float32)
     for j in tl.static_range(ROT_PIECES):
         matrix = tl.load(pieces_ptr + j * HEAD_DIM * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :])
