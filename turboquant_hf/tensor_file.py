@@ -4,8 +4,8 @@
 a fresh tensor -> the cache's storage on load), and a checksum over the tensors was a pass of its own. Here the bytes
 go from each tensor's memory straight into the file (``write``) and from the file straight into the tensor that keeps
 them (``TensorFile.read_into``: a layer's slots on the CPU; on a GPU, a pinned buffer and one asynchronous copy),
-while one worker thread takes each tensor's CRC-32 (zlib, like file I/O, releases the GIL: the checksum overlaps the
-disk). The file stays a plain safetensors file, laid out as safetensors lays it out: any safetensors reader opens it.
+while a worker thread takes each tensor's CRC-32 (zlib, like file I/O, releases the GIL: the checksum overlaps the
+disk) and, while writing, another fsyncs what is written so far. The file stays a plain safetensors file, laid out as safetensors lays it out: any safetensors reader opens it.
 
 Checksum (the metadata entry ``checksum``): the sha256 of the lines ``{name}|{dtype}|{shape}|{crc32:08x}``, one per
 tensor in name order, each CRC-32 taken over that tensor's bytes. A CRC-32 catches every burst of up to 32 flipped
