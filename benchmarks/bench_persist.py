@@ -7,12 +7,14 @@ compressed cache onto the GPU in under 1.5 s).
 A TurboQuantCache(bits=--bits) of the 8B shape (32 layers, 8 kv heads, head_dim 128, bf16), no model: every layer
 filled through ``cache.update`` with random K/V (bench_generate.py's ``fill``) until its packed tokens take --gib GiB.
 Then, --repeats times each (the median is reported):
-  save              cache.save(path): safetensors in a temporary file of --dir, fsync, atomic rename
+  save              cache.save(path): safetensors written from the tensors' memory into a temporary file of --dir,
+                    the checksum taken alongside, fsync, atomic rename
   load-cpu cold     TurboQuantCache.load(path), the file first dropped from the page cache (posix_fadvise
                     DONTNEED: the bytes come from the disk, as in a fresh process on a fresh boot)
   load-cpu warm     the same, the file in the page cache (a reload soon after a save)
   load-cuda cold / warm   TurboQuantCache.load(path, device="cuda"), synchronized (when CUDA is available)
-  checksum          the sha256 over every tensor that save writes and load verifies (part of both)
+  checksum          the CRC-32s over every tensor that save writes and load verifies, in one pass (save and
+                    load take them in a worker thread, overlapping the disk)
 GB/s is the file's bytes (1e9 per GB) over the seconds. Printed first: the command, the machine and the filesystem
 of --dir (a tmpfs is RAM, not a disk); then the file's size against the bytes of the packed tokens it holds.
 """
@@ -36,8 +38,8 @@ from safetensors.torch import load_file
 from bench_decode import machine_info, synchronize
 from bench_generate import fill, llama_8b_config
 from turboquant_hf import TurboQuantCache
-from turboquant_hf.persist import _checksum
 from turboquant_hf.quantizer import shared_quantizer
+from turboquant_hf.tensor_file import checksum
 
 
 def filesystem(path: Path) -> str:
@@ -117,7 +119,7 @@ def main() -> None:
         rows["save"] = timed(lambda: cache.save(path), args.repeats)
         file_bytes = path.stat().st_size
         tensors = load_file(path)  # what save checksums and load verifies
-        rows["checksum"] = timed(lambda: _checksum(tensors), args.repeats)
+        rows["checksum"] = timed(lambda: checksum(tensors), args.repeats)
         del tensors
         targets = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for target in targets:

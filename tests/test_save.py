@@ -201,18 +201,35 @@ def test_file_holds_the_valid_tokens_and_a_small_header(llama, tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_file(llama, tmp_path, monkeypatch):
-    import safetensors.torch
+    from turboquant_hf import tensor_file
 
     path = prefilled(llama, token_ids(1, 20, seed=9)).save(tmp_path / "cache.safetensors")
     before = path.read_bytes()
+    write = tensor_file.write
 
-    def broken(*args, **kwargs):
+    def broken(partial, tensors, metadata):
+        write(partial, tensors, metadata)  # the whole temporary file, then the disk fills up
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(tensor_file, "write", broken)
     with pytest.raises(OSError, match="disk full"):
         prefilled(llama, token_ids(1, 30, seed=10)).save(path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_file_is_plain_safetensors_written_in_safetensors_order(llama, tmp_path):
+    """Any safetensors reader gets the cache's tensors (the valid slots), laid out as safetensors lays them out."""
+    from safetensors.torch import load_file
+
+    cache = prefilled(llama, token_ids(2, 60, seed=14), bits=4, residual_length=8)
+    path = cache.save(tmp_path / "cache.safetensors")
+    tensors = load_file(path)
+    storage = cache.layers[1].storage
+    assert torch.equal(tensors["layers.1.keys.packed_indices"], storage.keys.packed_indices[:, :, :storage.length])
+    assert torch.equal(tensors["layers.1.window_values"], storage.window_values)
+    ranges = data_ranges(path)
+    in_file = sorted(ranges, key=ranges.get)
+    assert in_file == sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
 
 
 def rewrite(path, edit) -> None:
@@ -227,7 +244,7 @@ def rewrite(path, edit) -> None:
 
 
 def test_corrupt_truncated_or_foreign_files_are_refused(llama, tmp_path):
-    from turboquant_hf.persist import _checksum
+    from turboquant_hf.tensor_file import checksum
 
     path = prefilled(llama, token_ids(1, 40, seed=11), residual_length=8).save(tmp_path / "cache.safetensors")
     data = path.read_bytes()
@@ -242,21 +259,24 @@ def test_corrupt_truncated_or_foreign_files_are_refused(llama, tmp_path):
     broken.write_bytes(b"not a cache at all")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         TurboQuantCache.load(broken)
+    broken.write_bytes(data + b"\0" * 8)  # longer than the header says
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        TurboQuantCache.load(broken)
 
     def cases():
-        yield lambda m, t: m.update(format_version="99"), "format version '99'"
+        yield lambda m, t: m.update(format_version="99"), "format version '99'; this turboquant_hf reads versions 1"
         yield lambda m, t: m.pop("format"), "not a TurboQuantCache file"
         yield lambda m, t: m.update(config="{not json"), "bad header"
 
         def drop_scales(metadata, tensors):
             del tensors["layers.1.keys.scales"]
-            metadata["checksum"] = _checksum(tensors)
+            metadata["checksum"] = checksum(tensors)
 
         yield drop_scales, "layer 1 .*missing tensor 'layers.1.keys.scales'"
 
         def reshape_window(metadata, tensors):
             tensors["layers.0.window_keys"] = tensors["layers.0.window_keys"][..., :32].contiguous()
-            metadata["checksum"] = _checksum(tensors)
+            metadata["checksum"] = checksum(tensors)
 
         yield reshape_window, "layer 0 .*of shape .*expected"
 
@@ -265,6 +285,92 @@ def test_corrupt_truncated_or_foreign_files_are_refused(llama, tmp_path):
         rewrite(broken, edit)
         with pytest.raises(ValueError, match=message):
             TurboQuantCache.load(broken, model_config=llama.config)
+
+
+def file_header(path) -> tuple[int, dict]:
+    """(the JSON header's length, the header) of a safetensors file."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    return length, json.loads(data[8:8 + length])
+
+
+def data_ranges(path) -> dict[str, tuple[int, int]]:
+    """Each tensor's bytes in a safetensors file: name -> (start, stop) file offsets."""
+    length, header = file_header(path)
+    header.pop("__metadata__")
+    return {name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+            for name, entry in header.items()}
+
+
+def flip_middle_byte(path, name: str, target=None) -> None:
+    """Write ``path`` to ``target`` (default: ``path``) with one bit flipped in the middle of tensor ``name``."""
+    start, stop = data_ranges(path)[name]
+    data = bytearray(path.read_bytes())
+    data[(start + stop) // 2] ^= 0x01
+    (target or path).write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_anywhere_in_the_data_is_caught(llama, tmp_path):
+    """One bit flipped in the middle of any tensor (a static layout's lengths too, whose damage would otherwise
+    show as a length mismatch) is a checksum mismatch."""
+    broken = tmp_path / "broken.safetensors"
+    dynamic = prefilled(llama, token_ids(2, 40, seed=15), residual_length=8).save(tmp_path / "dynamic.safetensors")
+    static = prefilled(llama, token_ids(2, 20, seed=16), residual_length=8, max_cache_len=32).save(
+        tmp_path / "static.safetensors")
+    for path in (dynamic, static):
+        for name, (start, stop) in data_ranges(path).items():
+            if stop > start:
+                flip_middle_byte(path, name, broken)
+                with pytest.raises(ValueError, match="checksum mismatch"):
+                    TurboQuantCache.load(broken, model_config=llama.config)
+    assert "layers.0.lengths" in data_ranges(static)
+
+
+def test_tensors_the_load_does_not_read_are_checked_too(llama, tmp_path):
+    from turboquant_hf.tensor_file import checksum
+
+    path = prefilled(llama, token_ids(1, 30, seed=17)).save(tmp_path / "cache.safetensors")
+
+    def add_tensor(metadata, tensors):
+        tensors["layers.0.unused"] = torch.arange(64, dtype=torch.int64)
+        metadata["checksum"] = checksum(tensors)
+
+    rewrite(path, add_tensor)
+    assert TurboQuantCache.load(path).get_seq_length() == 30
+    flip_middle_byte(path, "layers.0.unused")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        TurboQuantCache.load(path)
+
+
+def test_tensors_that_do_not_tile_the_data_are_refused(llama, tmp_path):
+    path = prefilled(llama, token_ids(1, 30, seed=18)).save(tmp_path / "cache.safetensors")
+    length, header = file_header(path)
+    name = next(name for name in header if name != "__metadata__" and header[name]["data_offsets"][0] > 0)
+    header[name]["data_offsets"][0] -= 1  # overlaps the tensor before it
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + path.read_bytes()[8 + length:])
+    with pytest.raises(ValueError, match=f"truncated or corrupt.*tensor {name}"):
+        TurboQuantCache.load(path)
+
+
+def test_format_version_1_files_still_load(llama, tmp_path):
+    """Version 1 (before the CRC-32 checksum): the same tensors, a sha256 over them; loaded and checked alike."""
+    from turboquant_hf.persist import _sha256_v1
+
+    original = prefilled(llama, token_ids(1, 30, seed=19), residual_length=8)
+    path = original.save(tmp_path / "v1.safetensors")
+
+    def as_version_1(metadata, tensors):
+        metadata.update(format_version="1", checksum=_sha256_v1(tensors))
+
+    rewrite(path, as_version_1)
+    step = token_ids(1, 2, seed=20)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(llama, step, TurboQuantCache.load(path)).logits,
+                                   forward(llama, step, original).logits, atol=1e-6, rtol=0)
+    flip_middle_byte(path, "layers.1.keys.packed_indices")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        TurboQuantCache.load(path)
 
 
 def test_model_config_mismatches_are_named(llama, tmp_path):

@@ -12,7 +12,12 @@ safetensors metadata is str -> str; these entries are JSON:
     config          TurboQuantConfig.to_dict()       static          {"max_cache_len", "max_batch_size"}
     fingerprint     {"layers": [{kind, kv_heads, head_dim, value_head_dim, dtype, batch, tokens}, ...]}
     layers          per layer what rebuilding it needs (packed tokens, the plain attributes of other layers)
-    checksum        sha256 over every tensor's name, dtype, shape and bytes (a flipped byte is caught)
+    checksum        over every tensor's name, dtype, shape and bytes (a flipped byte is caught): version 2, the
+                    CRC-32s ``tensor_file`` takes while writing and reading; version 1 (still read, in a pass of its
+                    own), a sha256
+
+The bytes go from the cache's tensors straight into the file and back into the loaded cache's storage
+(``tensor_file``): one copy each way, the checksum taken alongside.
 
 Tensor names: ``layers.{i}.keys.packed_indices`` (and ``.scales``, ``.qjl_signs``, ``.residual_norms``), the same
 for ``values``, ``layers.{i}.window_keys`` / ``window_values``, ``layers.{i}.lengths`` (static), and
@@ -33,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PretrainedConfig
 
+from . import tensor_file
 from .config import TurboQuantConfig
 
 if TYPE_CHECKING:
     from .cache import TurboQuantCache
 
 FORMAT = "turboquant_hf.cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: a sha256 over the tensors (still read); 2: tensor_file's CRC-32 checksum
 _SLOT_FIELDS = ("packed_indices", "scales", "qjl_signs", "residual_norms")
 # Attributes of a TurboQuantLayer that save/copy handle themselves (or rebuild: settings come from the config, the
 # reader from the attention's next call, device/dtype from the load).
@@ -51,16 +57,14 @@ _DTYPES = {str(dtype): dtype for dtype in (torch.float16, torch.bfloat16, torch.
 
 # ------------------------------------------------------------------------------------------------------ save
 def save(cache: TurboQuantCache, path: str | os.PathLike) -> Path:
-    """Write ``cache`` to ``path`` (safetensors; atomic: a temporary file in the same folder, fsync, rename).
+    """Write ``cache`` to ``path`` (safetensors, from the tensors' memory; atomic: a temporary file in the same
+    folder, fsync, rename).
 
     Returns the path. The file size is the bytes of the valid tokens the cache holds plus a header of a few KiB.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     records = [_save_layer(layer, f"layers.{index}.", tensors) for index, layer in enumerate(cache.layers)]
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -68,15 +72,12 @@ def save(cache: TurboQuantCache, path: str | os.PathLike) -> Path:
         "static": json.dumps({"max_cache_len": cache.max_cache_len, "max_batch_size": cache.max_batch_size}),
         "fingerprint": json.dumps(fingerprint(cache)),
         "layers": json.dumps(records),
-        "checksum": _checksum(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, partial, metadata=metadata)
-        with open(partial, "rb+") as file:
-            os.fsync(file.fileno())
+        tensor_file.write(partial, tensors, metadata)
         os.replace(partial, path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
@@ -154,16 +155,6 @@ def fingerprint(cache: TurboQuantCache) -> dict[str, Any]:
     return {"layers": layers}
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -189,16 +180,26 @@ def load(path: str | os.PathLike, device: torch.device | str | Sequence[torch.de
     TurboQuant layers only. Any mismatch, a truncated or corrupt file, another format version or a missing tensor is
     a ValueError; nothing is returned half-built.
     """
+    path = Path(path)
+    with tensor_file.TensorFile(path) as file:
+        _check_format(file)
+        cache = _restore(file, device, model_config)
+        _verify(file)
+    return cache
+
+
+def _restore(file: tensor_file.TensorFile, device: torch.device | str | Sequence[torch.device | str] | None,
+             model_config: PretrainedConfig | None) -> TurboQuantCache:
+    """``load``'s cache, its tensors read from ``file``; a restoring error is reported as the checksum mismatch it
+    comes from when the file is corrupt."""
     from .cache import TurboQuantCache, TurboQuantLayer
 
-    path = Path(path)
-    metadata, tensors = _read(path)
-    where = f"{path}: "
+    where = f"{file.path}: "
     try:
-        config = TurboQuantConfig.from_dict(json.loads(metadata["config"]))
-        static = json.loads(metadata["static"])
-        file_print = json.loads(metadata["fingerprint"])
-        records = json.loads(metadata["layers"])
+        config = TurboQuantConfig.from_dict(json.loads(file.metadata["config"]))
+        static = json.loads(file.metadata["static"])
+        file_print = json.loads(file.metadata["fingerprint"])
+        records = json.loads(file.metadata["layers"])
         max_cache_len, max_batch_size = static["max_cache_len"], static["max_batch_size"]
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{where}not a valid TurboQuantCache file (bad header: {error})") from error
@@ -221,9 +222,10 @@ def load(path: str | os.PathLike, device: torch.device | str | Sequence[torch.de
         prefix = f"layers.{index}."
         try:
             if isinstance(layer, TurboQuantLayer):
-                _load_compressed(layer, record, prefix, tensors, device)
-            _load_plain_state(layer, record.get("state", {}), tensors, device)
+                _load_compressed(layer, record, prefix, file, device)
+            _load_plain_state(layer, record.get("state", {}), file, device)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            _verify(file)  # a corrupt file: say so rather than what its damage looked like
             detail = f"missing tensor {error}" if isinstance(error, KeyError) else str(error)
             raise ValueError(f"{where}layer {index} ({record.get('kind')}) cannot be restored: {detail}") from error
     return cache
@@ -239,96 +241,108 @@ def _layer_devices(device, layers: int) -> list[torch.device]:
     return devices
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, every tensor on CPU) of a file that passes the format, version and checksum checks."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+def _check_format(file: tensor_file.TensorFile) -> None:
+    """ValueError unless ``file`` is a TurboQuantCache file of a version this code reads (version 1: its sha256 is
+    checked here, in a pass of its own)."""
+    metadata = file.metadata
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a TurboQuantCache file (format {metadata.get('format')!r}, expected {FORMAT!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{path}: TurboQuantCache format version {metadata.get('format_version')!r}; this "
-                         f"turboquant_hf reads version {FORMAT_VERSION}")
-    if metadata.get("checksum") != _checksum(tensors):
-        raise ValueError(f"{path}: checksum mismatch: the file is corrupt")
-    return metadata, tensors
+        raise ValueError(f"{file.path}: not a TurboQuantCache file (format {metadata.get('format')!r}, expected "
+                         f"{FORMAT!r})")
+    if metadata.get("format_version") not in ("1", str(FORMAT_VERSION)):
+        raise ValueError(f"{file.path}: TurboQuantCache format version {metadata.get('format_version')!r}; this "
+                         f"turboquant_hf reads versions 1 and {FORMAT_VERSION}")
+    if metadata["format_version"] == "1":
+        from safetensors.torch import load_file
+
+        if metadata.get("checksum") != _sha256_v1(load_file(file.path)):
+            raise ValueError(f"{file.path}: checksum mismatch: the file is corrupt")
 
 
-def _load_compressed(layer, record: dict, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Fill a fresh TurboQuantLayer (either layout) from ``record`` and the file's tensors."""
+def _verify(file: tensor_file.TensorFile) -> None:
+    """ValueError when the CRC-32s of what was read disagree with the checksum (version 2; ``_check_format`` checked
+    a version 1 file's sha256 before anything was read)."""
+    if file.metadata["format_version"] == str(FORMAT_VERSION):
+        file.verify()
+
+
+def _sha256_v1(tensors: dict[str, torch.Tensor]) -> str:
+    """Format version 1's checksum: sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _load_compressed(layer, record: dict, prefix: str, file: tensor_file.TensorFile, device: torch.device) -> None:
+    """Fill a fresh TurboQuantLayer (either layout) from ``record`` and the file's tensors, read straight into the
+    layer's storage where it has its own (the slots; the static layout's ring and lengths)."""
     from .cache import StaticTurboQuantLayer
 
     if not record.get("initialized"):
         return
     dtype = _DTYPES[record["dtype"]]
-    window_keys, window_values = tensors[prefix + "window_keys"], tensors[prefix + "window_values"]
-    for name, window in (("window_keys", window_keys), ("window_values", window_values)):
-        if window.dim() != 4 or window.dtype != dtype:
-            raise ValueError(f"{name} is {window.dtype} of shape {tuple(window.shape)}, expected 4 dims of {dtype}")
-    batch, heads = window_keys.shape[:2]
+    key_spec, value_spec = file.specs[prefix + "window_keys"], file.specs[prefix + "window_values"]
+    for name, spec in (("window_keys", key_spec), ("window_values", value_spec)):
+        if len(spec.shape) != 4 or spec.dtype != dtype:
+            raise ValueError(f"{name} is {spec.dtype} of shape {spec.shape}, expected 4 dims of {dtype}")
+    batch, heads = key_spec.shape[:2]
     # Empty states of the saved shapes: the layer allocates its storage (and quantizers) as on a first update.
-    layer.lazy_initialization(torch.empty(batch, heads, 0, window_keys.shape[-1], dtype=dtype, device=device),
-                              torch.empty(batch, heads, 0, window_values.shape[-1], dtype=dtype, device=device))
+    layer.lazy_initialization(torch.empty(batch, heads, 0, key_spec.shape[-1], dtype=dtype, device=device),
+                              torch.empty(batch, heads, 0, value_spec.shape[-1], dtype=dtype, device=device))
     storage, length = layer.storage, int(record["packed"])
     static = isinstance(layer, StaticTurboQuantLayer)
     if static and length > layer.max_cache_len:
         raise ValueError(f"{length} packed tokens exceed max_cache_len={layer.max_cache_len}")
     if not static:
-        storage.reserve(length)
+        storage.reserve(length)  # exactly ``length`` slots: each slot tensor is contiguous, the file reads into it
     for name in ("keys", "values"):
         slots = getattr(storage, name)
         for field in _SLOT_FIELDS:
             target, key = getattr(slots, field), f"{prefix}{name}.{field}"
             if target is None:
-                if key in tensors:
+                if key in file:
                     raise ValueError(f"{key} is in the file but this layer's settings store no {field}")
                 continue
-            _copy_checked(target[:, :, :length], tensors[key], key)
+            file.read_into(key, target[:, :, :length])
     if static:
-        _copy_checked(storage.window_keys, window_keys, prefix + "window_keys")
-        _copy_checked(storage.window_values, window_values, prefix + "window_values")
-        _copy_checked(layer.lengths, tensors[prefix + "lengths"], prefix + "lengths")
+        file.read_into(prefix + "window_keys", storage.window_keys)
+        file.read_into(prefix + "window_values", storage.window_values)
+        file.read_into(prefix + "lengths", layer.lengths)
         if int(layer.lengths[0]) != length:
             raise ValueError(f"lengths {layer.lengths.tolist()} disagree with {length} packed tokens")
-    else:
-        storage.window_keys, storage.window_values = window_keys.to(device), window_values.to(device)
-        storage.length = length
-        if prefix + "sink_keys" in tensors:
-            sink_keys, sink_values = tensors[prefix + "sink_keys"], tensors[prefix + "sink_values"]
-            if sink_keys.shape[-2] > min(storage.sinks, length) or sink_keys.shape[:2] != window_keys.shape[:2]:
-                raise ValueError(f"{prefix}sink_keys of shape {tuple(sink_keys.shape)} do not fit this layer "
-                                 f"(sink_tokens={storage.sinks}, batch and heads {tuple(window_keys.shape[:2])})")
-            storage.sink_keys, storage.sink_values = sink_keys.to(device), sink_values.to(device)
-        if prefix + "key_offset" in tensors:
-            key_offset = tensors[prefix + "key_offset"]
-            expected = (*window_keys.shape[:2], 1, window_keys.shape[-1])
-            if not storage.center_keys or tuple(key_offset.shape) != expected or key_offset.dtype != torch.float32:
-                raise ValueError(f"{prefix}key_offset ({key_offset.dtype} of shape {tuple(key_offset.shape)}) does "
-                                 f"not fit this layer (center_keys={storage.center_keys}, expected float32 {expected})")
-            storage.key_offset = key_offset.to(device)
-        elif storage.center_keys and length:  # saved before key centering: its slots hold the keys as they are
-            storage.key_offset = torch.zeros(*window_keys.shape[:2], 1, window_keys.shape[-1], device=device)
+        return
+    storage.window_keys = file.read(prefix + "window_keys", device)
+    storage.window_values = file.read(prefix + "window_values", device)
+    storage.length = length
+    if prefix + "sink_keys" in file:
+        sink_spec = file.specs[prefix + "sink_keys"]
+        if len(sink_spec.shape) != 4 or sink_spec.shape[-2] > min(storage.sinks, length) or \
+                sink_spec.shape[:2] != key_spec.shape[:2]:
+            raise ValueError(f"{prefix}sink_keys of shape {sink_spec.shape} do not fit this layer "
+                             f"(sink_tokens={storage.sinks}, batch and heads {key_spec.shape[:2]})")
+        storage.sink_keys = file.read(prefix + "sink_keys", device)
+        storage.sink_values = file.read(prefix + "sink_values", device)
+    expected = (*key_spec.shape[:2], 1, key_spec.shape[-1])
+    if prefix + "key_offset" in file:
+        offset_spec = file.specs[prefix + "key_offset"]
+        if not storage.center_keys or offset_spec.shape != expected or offset_spec.dtype != torch.float32:
+            raise ValueError(f"{prefix}key_offset ({offset_spec.dtype} of shape {offset_spec.shape}) does not fit "
+                             f"this layer (center_keys={storage.center_keys}, expected float32 {expected})")
+        storage.key_offset = file.read(prefix + "key_offset", device)
+    elif storage.center_keys and length:  # saved before key centering: its slots hold the keys as they are
+        storage.key_offset = torch.zeros(expected, device=device)
 
 
-def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    if loaded.shape != target.shape or loaded.dtype != target.dtype:
-        raise ValueError(f"{name} is {loaded.dtype} of shape {tuple(loaded.shape)}, expected {target.dtype} of shape "
-                         f"{tuple(target.shape)}")
-    target.copy_(loaded)
-
-
-def _load_plain_state(layer, state: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+def _load_plain_state(layer, state: dict[str, Any], file: tensor_file.TensorFile, device: torch.device) -> None:
     """Set the attributes ``_save_plain_state`` recorded on a freshly built ``layer``."""
     known = set(vars(layer))
 
     def decode(value: Any) -> Any:
         if isinstance(value, dict) and set(value) == {"tensor"}:
-            return tensors[value["tensor"]].to(device)
+            return file.read(value["tensor"], device)
         if isinstance(value, dict) and set(value) == {"dtype"}:
             return _DTYPES[value["dtype"]]
         if isinstance(value, dict) and set(value) == {"dict"}:
