@@ -398,9 +398,11 @@ def test_cli_missing_backend_is_an_argument_error(monkeypatch, capsys):
 def test_spec_grammar_restates_the_library():
     """specs restates these so that the command line imports no torch: they must stay the library's."""
     from turboquant_hf.lloyd_max import SUPPORTED_BITS
+    from turboquant_hf.outliers import FRACTIONAL_BITS
     from turboquant_hf.rotation import ROTATIONS
 
     assert specs.SUPPORTED_BITS == SUPPORTED_BITS and specs.ROTATIONS == ROTATIONS
+    assert specs.FRACTIONAL_BITS == FRACTIONAL_BITS
     assert f'name = "{specs.DISTRIBUTION}"' in (ROOT / "pyproject.toml").read_text()
 
 

@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .backend import warn_once
 from .cache import ATTENTION_NAME, CompressedPast, StaticPast, TurboQuantLayer
 from .kernels import decode_attention
 from .kernels.decode_attention import attention_fp32
@@ -31,6 +32,8 @@ from .storage import dense_states
 NAME = ATTENTION_NAME
 # Above this many query tokens a dense matmul over the dequantized past beats the decode kernel.
 MAX_FUSED_QUERIES = 64
+_SPLIT_NOT_FUSED = ("turboquant_hf: the fused decode attention does not read fractional bits (outlier-channel "
+                    "splits) yet; attention over those layers dequantizes their past and runs dense attention")
 
 
 def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -101,6 +104,9 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     # softmax ignores, but a softcap's tanh does not.
     if past is not None and past.key_offset is not None and softcap is not None:
         fusable = False
+    if past is not None and past.split and past.length and fusable:
+        warn_once(_SPLIT_NOT_FUSED)
+        fusable = False
     if past is not None and past.length and fusable:
         if past.sink_keys is not None:  # the kernel reads them with the window, after the packed tokens
             key, value = torch.cat([past.sink_keys, key], dim=2), torch.cat([past.sink_values, value], dim=2)
@@ -112,8 +118,10 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     else:
         if past is not None and (past.length or past.sink_keys is not None):
             # The past is needed dense: the sinks and the dequantized packed tokens, in a transient tensor.
-            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys, offset=past.key_offset)
-            value = dense_states(past.values, past.value_quantizer, value, prefix=past.sink_values)
+            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys, offset=past.key_offset,
+                               channels=past.key_channels)
+            value = dense_states(past.values, past.value_quantizer, value, prefix=past.sink_values,
+                                 channels=past.value_channels)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
     return out.transpose(1, 2).contiguous(), None
 

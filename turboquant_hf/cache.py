@@ -28,10 +28,11 @@ from transformers.cache_utils import (
     Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer,
 )
 
-from .config import LayerSettings, TurboQuantConfig, integer
+from .config import LayerSettings, TurboQuantConfig, integer, is_fractional
 from .quantizer import FLOAT_DTYPES, QuantizedTensor, TurboQuantizer, shared_quantizer
 from .kernels.decode_attention import static_dense
 from .ops import quantizer_spec
+from .outliers import FRACTIONAL_BITS, SplitQuantizedTensor, SplitQuantizer, outlier_channels, shared_split_quantizer
 from .storage import PackedKV, dense_states
 
 ATTENTION_NAME = "turboquant"
@@ -75,28 +76,36 @@ def _check_new_states(key_states: torch.Tensor, value_states: torch.Tensor) -> N
 class CompressedPast:
     """What the fused attention reads besides the dense states: the packed past of one layer.
 
-    keys, values: QuantizedTensor views with leading shape (B, H, Np), the packed tokens after the sinks.
+    keys, values: QuantizedTensor (SplitQuantizedTensor at fractional bits) views with leading shape (B, H, Np),
+    the packed tokens after the sinks.
     """
 
-    keys: QuantizedTensor
-    values: QuantizedTensor
-    key_quantizer: TurboQuantizer
-    value_quantizer: TurboQuantizer
+    keys: QuantizedTensor | SplitQuantizedTensor
+    values: QuantizedTensor | SplitQuantizedTensor
+    key_quantizer: TurboQuantizer | SplitQuantizer
+    value_quantizer: TurboQuantizer | SplitQuantizer
     sink_keys: torch.Tensor | None = None  # (B, H, s, D): the sinks, tokens 0 .. s - 1, exact (None: no sinks)
     sink_values: torch.Tensor | None = None
     key_offset: torch.Tensor | None = None  # (B, H, 1, D) fp32: subtracted from the packed keys (center_keys)
+    key_channels: torch.Tensor | None = None  # (B, H, D) int64: a split quantizer's channel order (PackedKV)
+    value_channels: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         """Packed tokens read (after the sinks)."""
-        return self.keys.scales.shape[-1]
+        return self.keys.shape[-2]
+
+    @property
+    def split(self) -> bool:
+        """Whether keys or values are split into outlier channels (fractional bits; no fused kernel reads them)."""
+        return isinstance(self.key_quantizer, SplitQuantizer) or isinstance(self.value_quantizer, SplitQuantizer)
 
 
 class TurboQuantLayer(DynamicLayer):
     """One attention layer's TurboQuant-compressed K/V (see the module docstring for the contract).
 
     Args:
-        key_bits, value_bits: bits per coordinate (1, 2, 3, 4 or 8).
+        key_bits, value_bits: bits per coordinate (1, 2, 3, 4 or 8, or fractional: 2.5, 3.5, 4.5).
         qjl: spend one of the key bits on the QJL residual stage (unbiased scores); values stay MSE.
         residual_length: newest tokens kept in full precision (0 = compress everything).
         rotation, seed, norm_correction: see ``TurboQuantizer`` (QJL keys never take norm correction).
@@ -173,11 +182,18 @@ class TurboQuantLayer(DynamicLayer):
         self.is_initialized = True
 
     def _quantizers(self, key_states: torch.Tensor, value_states: torch.Tensor
-                    ) -> tuple[TurboQuantizer, TurboQuantizer]:
+                    ) -> tuple[TurboQuantizer | SplitQuantizer, TurboQuantizer | SplitQuantizer]:
         s = self.settings
-        return (shared_quantizer(key_states.shape[-1], s.key_bits, s.qjl, s.rotation, s.seed,
-                                 s.norm_correction and not s.qjl),
-                shared_quantizer(value_states.shape[-1], s.value_bits, False, s.rotation, s.seed, s.norm_correction))
+        quantizers = []
+        for name, bits, qjl, states in (("key_bits", s.key_bits, s.qjl, key_states),
+                                        ("value_bits", s.value_bits, False, value_states)):
+            dim = states.shape[-1]
+            if is_fractional(bits):
+                outlier_channels(name, bits, dim)  # ValueError naming the setting when head_dim cannot be split
+                quantizers.append(shared_split_quantizer(dim, bits, s.rotation, s.seed, s.norm_correction))
+            else:
+                quantizers.append(shared_quantizer(dim, bits, qjl, s.rotation, s.seed, s.norm_correction and not qjl))
+        return quantizers[0], quantizers[1]
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         storage = self.storage
@@ -243,7 +259,7 @@ class TurboQuantLayer(DynamicLayer):
         storage = self.storage
         keys, values, sink_keys, sink_values = storage.attended_past()
         return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, sink_keys, sink_values,
-                              storage.key_offset)
+                              storage.key_offset, storage.key_channels, storage.value_channels)
 
     def serve_packed(self, config: PretrainedConfig) -> None:
         """Leave the packed past out of later updates' returned states (and hand it over as ``turboquant_past``)
@@ -318,7 +334,7 @@ class TurboQuantLayer(DynamicLayer):
         if not self.is_initialized or self.device.type != "cuda" or self.is_offloaded:
             return
         storage, host = self.storage, self._host_slots
-        fresh = host is None or any(kept.scales.shape != slots.scales.shape
+        fresh = host is None or any(kept.shape != slots.shape
                                     for kept, slots in zip(host, (storage.keys, storage.values)))
         if fresh:
             host = tuple(slots._map(lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
@@ -629,6 +645,9 @@ class TurboQuantCache(Cache):
                 raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len}")
             if config.qjl or any(settings.get("qjl") for settings in config.layer_overrides.values()):
                 raise ValueError("the static layout (max_cache_len=) does not support qjl=True")
+            if config.fractional:
+                raise ValueError(f"the static layout (max_cache_len=) does not support fractional bits "
+                                 f"{FRACTIONAL_BITS}: use bits 1, 2, 3, 4 or 8 there, or the dynamic layout")
             if offloading:
                 raise ValueError(_STATIC_OFFLOADING)
         if max_batch_size is not None:

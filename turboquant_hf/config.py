@@ -8,7 +8,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .lloyd_max import SUPPORTED_BITS
+from .outliers import FRACTIONAL_BITS
 from .rotation import ROTATIONS
+
+# Bits per coordinate a layer's keys or values may take: integers, or fractional (outliers.py: a channel split).
+ALLOWED_BITS = (*SUPPORTED_BITS, *FRACTIONAL_BITS)
 
 # Settings a per-layer override may change (the rotation and seed are shared by every layer).
 LAYER_SETTINGS = ("key_bits", "value_bits", "qjl", "residual_length", "sink_tokens", "norm_correction")
@@ -25,11 +29,21 @@ def integer(name: str, value: Any) -> int:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
 
 
-def _bits(name: str, value: Any) -> int:
+def _bits(name: str, value: Any) -> int | float:
+    """An integer of SUPPORTED_BITS (as an int: 4.0 raises TypeError) or a float of FRACTIONAL_BITS."""
+    if isinstance(value, float) and value != int(value):
+        if value not in FRACTIONAL_BITS:
+            raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {value!r}")
+        return float(value)
     bits = integer(name, value)
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {bits!r}")
     return bits
+
+
+def is_fractional(bits: int | float) -> bool:
+    """Whether validated ``bits`` are fractional (an outlier-channel split, outliers.py)."""
+    return bits in FRACTIONAL_BITS
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -42,8 +56,8 @@ def _flag(name: str, value: Any) -> bool:
 class LayerSettings:
     """The resolved settings of one compressed layer (``TurboQuantConfig.for_layer``)."""
 
-    key_bits: int
-    value_bits: int
+    key_bits: int | float
+    value_bits: int | float
     qjl: bool
     residual_length: int
     norm_correction: bool
@@ -58,7 +72,10 @@ class TurboQuantConfig:
     """Settings of a ``TurboQuantCache``, validated once at construction.
 
     Args:
-        bits: bits per coordinate of keys and values (1, 2, 3, 4 or 8).
+        bits: bits per coordinate of keys and values: 1, 2, 3, 4 or 8, or fractional 2.5, 3.5 or 4.5, an outlier-
+            channel split (outliers.py: 2.5 and 3.5 keep half the head_dim channels at one more bit, 4.5 an eighth at
+            8 bits; the channels with the largest mean square over the first tokens a layer compresses, per
+            sequence and kv head). Fractional bits: the dynamic layout only, no QJL.
         key_bits, value_bits: override ``bits`` for keys / values (None: ``bits``).
         qjl: spend one key bit on the QJL residual stage (unbiased scores; needs key bits 2-4). Values stay MSE.
         residual_length: newest tokens per layer kept in full precision (0: compress every token).
@@ -79,9 +96,9 @@ class TurboQuantConfig:
     as is. ``to_dict`` / ``from_dict`` round-trip through JSON.
     """
 
-    bits: int = 4
-    key_bits: int | None = None
-    value_bits: int | None = None
+    bits: int | float = 4
+    key_bits: int | float | None = None
+    value_bits: int | float | None = None
     qjl: bool = False
     residual_length: int = 128
     sink_tokens: int = 4
@@ -143,6 +160,12 @@ class TurboQuantConfig:
             norm_correction=_flag("norm_correction" + where, values["norm_correction"]),
             rotation=self.rotation, seed=self.seed, center_keys=self.center_keys,
         )
+
+    @property
+    def fractional(self) -> bool:
+        """Whether any layer's keys or values take fractional bits (an outlier-channel split)."""
+        layers = [self.for_layer(None), *(self.for_layer(index) for index in self.layer_overrides)]
+        return any(is_fractional(bits) for layer in layers for bits in (layer.key_bits, layer.value_bits))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable dict (layer indices as strings, as JSON keys must be)."""

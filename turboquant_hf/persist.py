@@ -8,7 +8,7 @@ the same ones (``shared_quantizer``) and the loaded cache decodes to the same va
 
 safetensors metadata is str -> str; these entries are JSON:
 
-    format          "turboquant_hf.cache"            format_version  FORMAT_VERSION
+    format          "turboquant_hf.cache"            format_version  FORMAT_VERSION (2 without fractional bits)
     config          TurboQuantConfig.to_dict()       static          {"max_cache_len", "max_batch_size"}
     fingerprint     {"layers": [{kind, kv_heads, head_dim, value_head_dim, dtype, batch, tokens}, ...]}
     layers          per layer what rebuilding it needs (packed tokens, the plain attributes of other layers)
@@ -19,9 +19,12 @@ safetensors metadata is str -> str; these entries are JSON:
 The bytes go from the cache's tensors straight into the file and back into the loaded cache's storage
 (``tensor_file``): one copy each way, the checksum taken alongside.
 
-Tensor names: ``layers.{i}.keys.packed_indices`` (and ``.scales``, ``.qjl_signs``, ``.residual_norms``), the same
-for ``values``, ``layers.{i}.window_keys`` / ``window_values``, ``layers.{i}.lengths`` (static), and
-``layers.{i}.state.{attribute}[.{key}]`` for the tensors of layers (or layer parts) that transformers owns.
+Tensor names: ``layers.{i}.keys.packed_indices`` (and ``.scales``, ``.qjl_signs``, ``.residual_norms``; at fractional
+bits ``.outliers.packed_indices``, ``.outliers.scales``, ``.regular.packed_indices``, ``.regular.scales``), the same
+for ``values``, ``layers.{i}.window_keys`` / ``window_values``, ``sink_keys`` / ``sink_values``, ``key_offset``,
+``key_channels`` / ``value_channels`` (fractional bits: the channel order of the split), ``layers.{i}.lengths``
+(static), and ``layers.{i}.state.{attribute}[.{key}]`` for the tensors of layers (or layer parts) that transformers
+owns.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ if TYPE_CHECKING:
     from .cache import TurboQuantCache
 
 FORMAT = "turboquant_hf.cache"
-FORMAT_VERSION = 2  # 1: a sha256 over the tensors (still read); 2: tensor_file's CRC-32 checksum
-_SLOT_FIELDS = ("packed_indices", "scales", "qjl_signs", "residual_norms")
+# 1: a sha256 over the tensors (still read); 2: tensor_file's CRC-32 checksum; 3: version 2 with fractional bits (their
+# slots and channel orders), written only for caches that have them, so that releases without them refuse the file
+# by its version. Every version loads.
+FORMAT_VERSION = 3
+_READ_VERSIONS = ("1", "2", "3")
 # Attributes of a TurboQuantLayer that save/copy handle themselves (or rebuild: settings come from the config, the
 # reader from the attention's next call, device/dtype from the load).
 _OWN_ATTRIBUTES = {"storage", "settings", "_reader_config", "is_initialized", "lengths", "specs", "max_cache_len",
@@ -67,7 +73,7 @@ def save(cache: TurboQuantCache, path: str | os.PathLike) -> Path:
     records = [_save_layer(layer, f"layers.{index}.", tensors) for index, layer in enumerate(cache.layers)]
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if cache.config.fractional else 2),
         "config": json.dumps(cache.config.to_dict()),
         "static": json.dumps({"max_cache_len": cache.max_cache_len, "max_batch_size": cache.max_batch_size}),
         "fingerprint": json.dumps(fingerprint(cache)),
@@ -99,17 +105,16 @@ def _save_layer(layer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[st
             length = int(layer.lengths[0]) if isinstance(layer, StaticTurboQuantLayer) else storage.length
             record.update(packed=length, dtype=str(layer.dtype))
             for name, slots in (("keys", storage.keys), ("values", storage.values)):
-                for field in _SLOT_FIELDS:
-                    tensor = getattr(slots, field)
-                    if tensor is not None:
-                        tensors[f"{prefix}{name}.{field}"] = tensor[:, :, :length]
+                for field, tensor in slots.named_tensors().items():
+                    tensors[f"{prefix}{name}.{field}"] = tensor[:, :, :length]
             tensors[prefix + "window_keys"] = storage.window_keys
             tensors[prefix + "window_values"] = storage.window_values
             if storage.sink_length:
                 tensors[prefix + "sink_keys"] = storage.sink_keys
                 tensors[prefix + "sink_values"] = storage.sink_values
-            if storage.key_offset is not None:
-                tensors[prefix + "key_offset"] = storage.key_offset
+            for name in ("key_offset", "key_channels", "value_channels"):
+                if getattr(storage, name) is not None:
+                    tensors[prefix + name] = getattr(storage, name)
             if isinstance(layer, StaticTurboQuantLayer):
                 tensors[prefix + "lengths"] = layer.lengths
     record["state"] = _save_plain_state(layer, prefix + "state.", tensors)
@@ -248,9 +253,9 @@ def _check_format(file: tensor_file.TensorFile) -> None:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{file.path}: not a TurboQuantCache file (format {metadata.get('format')!r}, expected "
                          f"{FORMAT!r})")
-    if metadata.get("format_version") not in ("1", str(FORMAT_VERSION)):
+    if metadata.get("format_version") not in _READ_VERSIONS:
         raise ValueError(f"{file.path}: TurboQuantCache format version {metadata.get('format_version')!r}; this "
-                         f"turboquant_hf reads versions 1 and {FORMAT_VERSION}")
+                         f"turboquant_hf reads versions {', '.join(_READ_VERSIONS)}")
     if metadata["format_version"] == "1":
         from safetensors.torch import load_file
 
@@ -261,7 +266,7 @@ def _check_format(file: tensor_file.TensorFile) -> None:
 def _verify(file: tensor_file.TensorFile) -> None:
     """ValueError when the CRC-32s of what was read disagree with the checksum (version 2; ``_check_format`` checked
     a version 1 file's sha256 before anything was read)."""
-    if file.metadata["format_version"] == str(FORMAT_VERSION):
+    if file.metadata["format_version"] != "1":
         file.verify()
 
 
@@ -299,14 +304,13 @@ def _load_compressed(layer, record: dict, prefix: str, file: tensor_file.TensorF
     if not static:
         storage.reserve(length)  # exactly ``length`` slots: each slot tensor is contiguous, the file reads into it
     for name in ("keys", "values"):
-        slots = getattr(storage, name)
-        for field in _SLOT_FIELDS:
-            target, key = getattr(slots, field), f"{prefix}{name}.{field}"
-            if target is None:
-                if key in file:
-                    raise ValueError(f"{key} is in the file but this layer's settings store no {field}")
-                continue
-            file.read_into(key, target[:, :, :length])
+        held = getattr(storage, name).named_tensors()
+        extra = sorted({key for key in file.specs if key.startswith(f"{prefix}{name}.")}
+                       - {f"{prefix}{name}.{field}" for field in held})
+        if extra:
+            raise ValueError(f"{extra[0]} is in the file but this layer's settings store no such field")
+        for field, target in held.items():
+            file.read_into(f"{prefix}{name}.{field}", target[:, :, :length])
     if static:
         file.read_into(prefix + "window_keys", storage.window_keys)
         file.read_into(prefix + "window_values", storage.window_values)
@@ -334,6 +338,34 @@ def _load_compressed(layer, record: dict, prefix: str, file: tensor_file.TensorF
         storage.key_offset = file.read(prefix + "key_offset", device)
     elif storage.center_keys and length:  # saved before key centering: its slots hold the keys as they are
         storage.key_offset = torch.zeros(expected, device=device)
+    needed = length > storage.sinks  # a write past the sinks chose the channels of a split
+    for name, quantizer, spec in (("key_channels", storage.key_quantizer, key_spec),
+                                  ("value_channels", storage.value_quantizer, value_spec)):
+        setattr(storage, name, _loaded_channels(file, prefix + name, quantizer, spec.shape, needed, device))
+
+
+def _loaded_channels(file: tensor_file.TensorFile, name: str, quantizer, window_shape: tuple[int, ...], needed: bool,
+                     device: torch.device) -> torch.Tensor | None:
+    """A split's saved channel order ((B, H, D) int64, each row a permutation of the D channels), read and checked
+    against the layer (its window's shape: (B, H, r, D)); ValueError when it does not fit, or is missing though packed
+    tokens after the sinks need it; None for a layer without it."""
+    from .outliers import SplitQuantizer
+
+    split = isinstance(quantizer, SplitQuantizer)
+    if name not in file:
+        if split and needed:
+            raise ValueError(f"{name} is missing: the packed tokens of fractional bits need their channel order")
+        return None
+    expected = (*window_shape[:2], window_shape[-1])
+    spec = file.specs[name]
+    if not split or tuple(spec.shape) != expected or spec.dtype != torch.int64:
+        raise ValueError(f"{name} ({spec.dtype} of shape {tuple(spec.shape)}) does not fit this layer (fractional "
+                         f"bits: {split}; expected int64 {expected})")
+    channels = file.read(name, device)
+    if not torch.equal(channels.sort(dim=-1).values, torch.arange(expected[-1], device=device).expand(expected)):
+        raise ValueError(f"{name} is not a channel order: each row must be a permutation of the {expected[-1]} "
+                         "channels")
+    return channels
 
 
 def _load_plain_state(layer, state: dict[str, Any], file: tensor_file.TensorFile, device: torch.device) -> None:
@@ -438,6 +470,7 @@ def _copy_layer(layer):
         storage.window_keys, storage.window_values = _clone(storage.window_keys), _clone(storage.window_values)
         storage.sink_keys, storage.sink_values = _clone(storage.sink_keys), _clone(storage.sink_values)
         storage.key_offset = _clone(storage.key_offset)
+        storage.key_channels, storage.value_channels = _clone(storage.key_channels), _clone(storage.value_channels)
         duplicate.storage = storage
         if isinstance(layer, StaticTurboQuantLayer):  # fixed addresses, as lazy_initialization marks them
             for tensor in (*storage.tensors(), duplicate.lengths):

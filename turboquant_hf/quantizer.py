@@ -98,8 +98,14 @@ class QuantizedTensor:
     mse_bits: int
     dtype: torch.dtype
 
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors held, by field name (packed_indices, scales[, qjl_signs, residual_norms])."""
+        fields = {"packed_indices": self.packed_indices, "scales": self.scales, "qjl_signs": self.qjl_signs,
+                  "residual_norms": self.residual_norms}
+        return {name: tensor for name, tensor in fields.items() if tensor is not None}
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed_indices, self.scales, self.qjl_signs, self.residual_norms) if t is not None]
+        return list(self.named_tensors().values())
 
     @property
     def shape(self) -> torch.Size:

@@ -12,13 +12,17 @@ from collections.abc import Callable
 
 import torch
 
+from .outliers import SplitQuantizedTensor, SplitQuantizer, outlier_order
 from .quantizer import QuantizedTensor, TurboQuantizer
 
 
-def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int, dtype: torch.dtype,
-                device: torch.device, fill=torch.empty) -> QuantizedTensor:
+def empty_slots(quantizer: TurboQuantizer | SplitQuantizer, batch: int, heads: int, capacity: int,
+                dtype: torch.dtype, device: torch.device, fill=torch.empty) -> QuantizedTensor | SplitQuantizedTensor:
     """Storage for (batch, heads, capacity) vectors of ``quantizer`` (``dtype``: what they decode to); ``fill``:
     torch.empty (uninitialized) or torch.zeros (slots decode to zeros before they are written)."""
+    if isinstance(quantizer, SplitQuantizer):
+        return SplitQuantizedTensor(*(empty_slots(part, batch, heads, capacity, dtype, device, fill)
+                                      for part in quantizer.parts))
     lead = (batch, heads, capacity)
     qjl = quantizer.qjl
     return QuantizedTensor(
@@ -30,27 +34,58 @@ def empty_slots(quantizer: TurboQuantizer, batch: int, heads: int, capacity: int
     )
 
 
-def dense_states(past: QuantizedTensor, quantizer: TurboQuantizer, *parts: torch.Tensor,
-                 prefix: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+def encode_slots(states: torch.Tensor, quantizer: TurboQuantizer | SplitQuantizer,
+                 slots: QuantizedTensor | SplitQuantizedTensor, start: int, channels: torch.Tensor | None) -> None:
+    """Encode (B, H, n, D) states into ``slots`` [start, start + n) (``kernels.encode_into``); a split quantizer's
+    parts each get their channels, in the order ``channels`` ((B, H, D) int64, outliers first; None: as they are)."""
+    from .kernels import encode_into
+
+    if not isinstance(quantizer, SplitQuantizer):
+        encode_into(states, quantizer, slots, start)
+        return
+    if channels is not None:
+        states = torch.take_along_dim(states, channels[:, :, None, :], dim=-1)
+    for part, part_states, part_slots in zip(quantizer.parts, quantizer.split(states), (slots.outliers, slots.regular)):
+        encode_into(part_states, part, part_slots, start)
+
+
+def decode_slots(past: QuantizedTensor | SplitQuantizedTensor, quantizer: TurboQuantizer | SplitQuantizer,
+                 out: torch.Tensor, channels: torch.Tensor | None) -> None:
+    """Dequantize ``past`` (leading shape (B, H, n)) into ``out`` (B, H, n, D) (``kernels.dequantize_into``); a split
+    quantizer's coordinates go back to the channels they came from (``channels``: as in ``encode_slots``)."""
+    from .kernels import dequantize_into
+
+    if not isinstance(quantizer, SplitQuantizer):
+        dequantize_into(past, quantizer, out)
+        return
+    ordered = out if channels is None else torch.empty_like(out)
+    for part, part_out, part_past in zip(quantizer.parts, quantizer.split(ordered), (past.outliers, past.regular)):
+        dequantize_into(part_past, part, part_out)
+    if channels is not None:
+        out.scatter_(-1, channels[:, :, None, :].expand(out.shape), ordered)
+
+
+def dense_states(past: QuantizedTensor | SplitQuantizedTensor, quantizer: TurboQuantizer | SplitQuantizer,
+                 *parts: torch.Tensor, prefix: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                 channels: torch.Tensor | None = None) -> torch.Tensor:
     """``prefix`` ((B, H, s, D) or None: the sink tokens), then ``past`` (leading shape (B, H, Np)) dequantized plus
     ``offset`` ((B, H, 1, D) fp32 or None: the key offset its tokens were stored without), then ``parts``
     ((B, H, n_i, D) each) along the token axis: one new (B, H, s + Np + sum n_i, D) tensor in ``parts[-1].dtype``,
-    each piece written in place (no concatenation)."""
-    from .kernels import dequantize_into
-
+    each piece written in place (no concatenation). ``channels``: a split quantizer's channel order (``decode_slots``).
+    """
     batch, heads, _, dim = parts[-1].shape
     pieces = (past, *parts) if prefix is None else (prefix, past, *parts)
-    past_length = past.scales.shape[-1]
+    past_length = past.shape[-2]
     dense = parts[-1].new_empty((batch, heads, past_length + sum(piece.shape[-2] for piece in pieces
                                                                  if piece is not past), dim))
     start = 0
     for piece in pieces:
         if piece is past:
             if past_length and offset is None:
-                dequantize_into(past, quantizer, dense[:, :, start:start + past_length])
+                decode_slots(past, quantizer, dense[:, :, start:start + past_length], channels)
             elif past_length:  # centered keys: decode and add the offset in fp32, then round (saturating) once
                 centered = torch.empty(dense[:, :, start:start + past_length].shape, device=dense.device)
-                dequantize_into(past, quantizer, centered)
+                decode_slots(past, quantizer, centered, channels)
                 limit = torch.finfo(dense.dtype).max
                 dense[:, :, start:start + past_length] = (centered + offset).clamp_(-limit, limit)
             start += past_length
@@ -78,6 +113,10 @@ class PackedKV:
     key_offset: (B, H, 1, D) fp32 or None. With ``center_keys`` (dynamic policy), the mean of the first finite keys
         encoded into the slots after the sinks, subtracted from every key before it is encoded and added back when
         slots are decoded: keys that share a large component (Qwen2's key bias) keep their small differences.
+    key_channels, value_channels: (B, H, D) int64 or None. With a ``SplitQuantizer`` (fractional bits), the channel
+        order of its parts (``outliers.outlier_order``: outlier channels first), chosen from the same first tokens
+        as the key offset (keys centered) and fixed from then on; None before (the sinks' own slots, never read
+        packed, are then encoded in channel order) and for integer bits.
 
     Two policies use it. Dynamic (``TurboQuantLayer``): slots [0, length) hold the oldest ``length`` tokens (the
     first ``sinks`` of them also exact), the window the next r tokens; ``push_window`` / ``flush`` / ``reserve``
@@ -87,7 +126,8 @@ class PackedKV:
     and continued).
     """
 
-    def __init__(self, key_quantizer: TurboQuantizer, value_quantizer: TurboQuantizer, key_states: torch.Tensor,
+    def __init__(self, key_quantizer: TurboQuantizer | SplitQuantizer, value_quantizer: TurboQuantizer | SplitQuantizer,
+                 key_states: torch.Tensor,
                  value_states: torch.Tensor, capacity: int = 0, ring: int | None = None, sinks: int = 0,
                  center_keys: bool = False):
         batch, heads = key_states.shape[:2]
@@ -101,6 +141,8 @@ class PackedKV:
         self.sinks = sinks
         self.center_keys = center_keys
         self.key_offset: torch.Tensor | None = None
+        self.key_channels: torch.Tensor | None = None
+        self.value_channels: torch.Tensor | None = None
         self.sink_keys, self.sink_values = self.window_keys[:, :, :0].clone(), self.window_values[:, :, :0].clone()
         self.length = 0
         # Slot rows [0, synced_rows) are unchanged since the last ``copy_slots_to`` (``write`` and ``map_batch`` lower
@@ -108,14 +150,14 @@ class PackedKV:
         self.synced_rows = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        offset = [] if self.key_offset is None else [self.key_offset]
+        optional = [t for t in (self.key_offset, self.key_channels, self.value_channels) if t is not None]
         return [*self.keys.tensors(), *self.values.tensors(), self.window_keys, self.window_values, self.sink_keys,
-                self.sink_values, *offset]
+                self.sink_values, *optional]
 
     # ------------------------------------------------------------------------------------------- sizes
     @property
     def capacity(self) -> int:
-        return self.keys.scales.shape[-1]
+        return self.keys.shape[-2]
 
     @property
     def window_length(self) -> int:
@@ -135,12 +177,14 @@ class PackedKV:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     # ----------------------------------------------------------------------------------- read and write
-    def past(self, length: int | None = None) -> tuple[QuantizedTensor, QuantizedTensor]:
+    def past(self, length: int | None = None) -> tuple[QuantizedTensor | SplitQuantizedTensor,
+                                                      QuantizedTensor | SplitQuantizedTensor]:
         """Views of the first ``length`` (default: all valid) packed keys and values, leading shape (B, H, length)."""
         length = self.length if length is None else length
         return self.keys[:, :, :length], self.values[:, :, :length]
 
-    def attended_past(self) -> tuple[QuantizedTensor, QuantizedTensor, torch.Tensor | None, torch.Tensor | None]:
+    def attended_past(self) -> tuple[QuantizedTensor | SplitQuantizedTensor, QuantizedTensor | SplitQuantizedTensor,
+                                     torch.Tensor | None, torch.Tensor | None]:
         """What attention reads of the slots: (packed keys, values after the sinks, leading shape (B, H, length - s);
         the sinks' exact keys, values (B, H, s, D), or None without sinks)."""
         s = self.sink_length
@@ -151,7 +195,7 @@ class PackedKV:
         """Grow the slots to ``capacity`` (one copy of the valid tokens); no-op when they are already that large."""
         if capacity <= self.capacity:
             return
-        batch, heads = self.keys.scales.shape[:2]
+        batch, heads = self.keys.shape[:2]
         for name, quantizer in (("keys", self.key_quantizer), ("values", self.value_quantizer)):
             grown = empty_slots(quantizer, batch, heads, capacity, self.dtype, self.device)
             for old, new in zip(getattr(self, name).tensors(), grown.tensors()):
@@ -160,7 +204,7 @@ class PackedKV:
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
         """Encode (B, H, n, D) states into slots [start, start + n) (within the capacity); keys less the key offset,
-        which the first write sets when ``center_keys``."""
+        which the first write past the sinks sets when ``center_keys``, as it sets the split channel orders."""
         from .kernels import encode_pair_into
 
         key_states, value_states = key_states.detach(), value_states.detach()
@@ -168,15 +212,25 @@ class PackedKV:
             count = min(self.sinks - start, key_states.shape[-2])
             self.sink_keys = torch.cat([self.sink_keys[:, :, :start], key_states[:, :, :count]], dim=-2)
             self.sink_values = torch.cat([self.sink_values[:, :, :start], value_states[:, :, :count]], dim=-2)
+        # The first tokens past the sinks (the first token's key is often an outlier, and the sinks are read exact
+        # anyway) set what stays fixed; the slots of sinks written before are never read packed.
+        past_the_sinks = start + key_states.shape[-2] > self.sinks
+        after_sinks = slice(max(self.sinks - start, 0), None)
         if self.center_keys:
-            if self.key_offset is None and start + key_states.shape[-2] > self.sinks:
-                # The mean of the first tokens past the sinks (the first token's key is often an outlier, and the
-                # sinks are read exact anyway); the slots of sinks written before it are never read packed.
-                self.key_offset = _finite_mean(key_states[:, :, max(self.sinks - start, 0):])
+            if self.key_offset is None and past_the_sinks:
+                self.key_offset = _finite_mean(key_states[:, :, after_sinks])
             if self.key_offset is not None:
                 key_states = key_states.float() - self.key_offset
-        encode_pair_into(key_states, value_states, self.key_quantizer, self.value_quantizer, self.keys, self.values,
-                         start)
+        for name, states, quantizer in (("key_channels", key_states, self.key_quantizer),
+                                        ("value_channels", value_states, self.value_quantizer)):
+            if isinstance(quantizer, SplitQuantizer) and getattr(self, name) is None and past_the_sinks:
+                setattr(self, name, outlier_order(states[:, :, after_sinks], quantizer.outlier_channels))
+        if isinstance(self.key_quantizer, SplitQuantizer) or isinstance(self.value_quantizer, SplitQuantizer):
+            encode_slots(key_states, self.key_quantizer, self.keys, start, self.key_channels)
+            encode_slots(value_states, self.value_quantizer, self.values, start, self.value_channels)
+        else:  # one launch for both when they share a quantizer
+            encode_pair_into(key_states, value_states, self.key_quantizer, self.value_quantizer, self.keys,
+                             self.values, start)
         self.synced_rows = min(self.synced_rows, start)
 
     def copy_slots_to(self, keys: QuantizedTensor, values: QuantizedTensor, *, fresh: bool = False) -> bool:
@@ -186,9 +240,9 @@ class PackedKV:
         transfer (the spare capacity is a fraction of a percent). Returns whether anything was copied (the caller
         waits for the copies before the targets are read)."""
         for name, source, target in (("keys", self.keys, keys), ("values", self.values, values)):
-            if target.scales.shape != source.scales.shape or len(target.tensors()) != len(source.tensors()):
-                raise ValueError(f"{name} must be slots of leading shape {tuple(source.scales.shape)} with the same "
-                                 f"fields, got {tuple(target.scales.shape)}")
+            if target.shape != source.shape or len(target.tensors()) != len(source.tensors()):
+                raise ValueError(f"{name} must be slots of shape {tuple(source.shape)} with the same fields, got "
+                                 f"{tuple(target.shape)}")
         start, stop = (0 if fresh else min(self.synced_rows, self.length)), self.length
         self.synced_rows = stop
         if start == stop:
@@ -247,8 +301,9 @@ class PackedKV:
         states, in their dtype."""
         keys, values, sink_keys, sink_values = self.attended_past() if with_past else (*self.past(0), None, None)
         return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys,
-                             offset=self.key_offset),
-                dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values))
+                             offset=self.key_offset, channels=self.key_channels),
+                dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values,
+                             channels=self.value_channels))
 
     # ------------------------------------------------------------------------------------ cache operations
     def crop(self, length: int) -> None:
@@ -275,5 +330,5 @@ class PackedKV:
         self.keys, self.values = self.keys._map(fn), self.values._map(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
-        if self.key_offset is not None:
-            self.key_offset = fn(self.key_offset)
+        self.key_offset, self.key_channels, self.value_channels = (
+            None if t is None else fn(t) for t in (self.key_offset, self.key_channels, self.value_channels))

@@ -4,9 +4,9 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
 
     SPEC    := NAME (":" OPTION)*
     NAME    := dynamic                  transformers' DynamicCache, the uncompressed reference
-             | tq<b>                    TurboQuantCache(bits=b), b in 1, 2, 3, 4, 8
+             | tq<b>                    TurboQuantCache(bits=b), b in 1, 2, 3, 4, 8, 2.5, 3.5, 4.5
              | tq<b>-qjl                TurboQuantCache(bits=b, qjl=True), b in 2, 3, 4 (QJL on keys only)
-             | k<kb>v<vb>[-qjl]         TurboQuantCache(key_bits=kb, value_bits=vb[, qjl=True])
+             | k<kb>v<vb>[-qjl]         TurboQuantCache(key_bits=kb, value_bits=vb[, qjl=True]), e.g. k4v3.5
              | fp8                      QuantizedCache(backend="fp8"), per-tensor float8_e4m3fn
              | quanto-int<b>            QuantizedCache(backend="quanto", nbits=b), b in 2, 4
              | hqq-int<b>               QuantizedCache(backend="hqq", nbits=b, axis 1), b in 1, 2, 3, 4, 8
@@ -34,9 +34,10 @@ import re
 
 # The pip name of this project (pyproject.toml); the import name stays turboquant_hf.
 DISTRIBUTION = "turboquant-kvcache"
-# codebook.SUPPORTED_BITS and rotation.ROTATIONS, restated so that the command line (its --help, its spec
-# parsing) imports no torch; tests/test_eval.py checks that they agree.
+# codebook.SUPPORTED_BITS, outliers.FRACTIONAL_BITS and rotation.ROTATIONS, restated so that the command line (its
+# --help, its spec parsing) imports no torch; tests/test_eval.py checks that they agree.
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+FRACTIONAL_BITS = (2.5, 3.5, 4.5)
 ROTATIONS = ("hadamard", "dense")
 FAMILIES = ("dynamic", "turboquant", "fp8", "quanto", "hqq")
 QJL_BITS = (2, 3, 4)  # QJL takes one of the key bits, so the MSE stage keeps at least one
@@ -59,12 +60,12 @@ def _hqq_available() -> bool:
 _BACKEND_PACKAGE = {"quanto": ("optimum-quanto", _quanto_available), "hqq": ("hqq", _hqq_available)}
 
 
-def _bits_set(bits: tuple[int, ...]) -> str:
+def _bits_set(bits: tuple[int | float, ...]) -> str:
     return "{" + ",".join(str(b) for b in bits) + "}"
 
 
 ALLOWED_NAMES = (
-    f"dynamic, tq{_bits_set(SUPPORTED_BITS)}, tq{_bits_set(QJL_BITS)}-qjl, k<bits>v<bits>[-qjl] (e.g. k4v2), "
+    f"dynamic, tq{_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)}, tq{_bits_set(QJL_BITS)}-qjl, k<bits>v<bits>[-qjl] (e.g. k4v2), "
     f"fp8, quanto-int{_bits_set(QUANTO_BITS)}, hqq-int{_bits_set(HQQ_BITS)}"
 )
 NORMS = ("corrected", "raw")
@@ -79,8 +80,8 @@ class CacheSpec:
     """One parsed cache spec. ``key_bits``/``value_bits`` are None for dynamic and fp8 (8-bit float)."""
 
     family: str
-    key_bits: int | None = None
-    value_bits: int | None = None
+    key_bits: int | float | None = None
+    value_bits: int | float | None = None
     qjl: bool = False
     residual: int = 0
     sinks: int = 4
@@ -128,13 +129,13 @@ class CacheSpec:
 def _parse_name(name: str) -> dict:
     if name in ("dynamic", "fp8"):
         return {"family": name}
-    match = re.fullmatch(r"tq(\d+)(-qjl)?", name)
+    match = re.fullmatch(rf"tq({_NUMBER})(-qjl)?", name)
     if match:
-        bits = int(match.group(1))
+        bits = _number(match.group(1))
         return {"family": "turboquant", "key_bits": bits, "value_bits": bits, "qjl": bool(match.group(2))}
-    match = re.fullmatch(r"k(\d+)v(\d+)(-qjl)?", name)
+    match = re.fullmatch(rf"k({_NUMBER})v({_NUMBER})(-qjl)?", name)
     if match:
-        return {"family": "turboquant", "key_bits": int(match.group(1)), "value_bits": int(match.group(2)),
+        return {"family": "turboquant", "key_bits": _number(match.group(1)), "value_bits": _number(match.group(2)),
                 "qjl": bool(match.group(3))}
     match = re.fullmatch(r"(quanto|hqq)-int(\d+)", name)
     if match:
@@ -143,9 +144,18 @@ def _parse_name(name: str) -> dict:
     raise ValueError(f"unknown cache spec {name!r}; allowed: {ALLOWED_NAMES}")
 
 
+_NUMBER = r"\d+(?:\.\d+)?"
+
+
+def _number(text: str) -> int | float:
+    """"4" (or "4.0") -> 4, "3.5" -> 3.5: bits as TurboQuantConfig takes them."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _check_bits(fields: dict, name: str) -> None:
     family, key_bits, value_bits = fields["family"], fields.get("key_bits"), fields.get("value_bits")
-    allowed = {"turboquant": SUPPORTED_BITS, "quanto": QUANTO_BITS, "hqq": HQQ_BITS}.get(family)
+    allowed = {"turboquant": SUPPORTED_BITS + FRACTIONAL_BITS, "quanto": QUANTO_BITS, "hqq": HQQ_BITS}.get(family)
     if allowed is None:
         return
     asymmetric = name.startswith("k")
