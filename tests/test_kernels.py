@@ -663,6 +663,31 @@ def test_qjl_uses_the_torch_twin_and_logs_once(monkeypatch, caplog):
         dequant_mod.dequantize_into_triton(storage, quantizer, out)
 
 
+@small
+@pytest.mark.parametrize("bits", (2.5, 3.5, 4.5))
+def test_fractional_bits_run_the_kernels_part_by_part(monkeypatch, bits):
+    """A split's parts go through the encode and dequantize kernels: the slots match the torch twins' (as
+    _check_encoding allows) and decode, back in the model's channel order, within 1e-5 of the torch path's. The
+    attention over them is dense (``tests/test_outliers.py`` compares it with sdpa)."""
+    from turboquant_hf.outliers import SplitQuantizer, outlier_order
+    from turboquant_hf.storage import decode_slots, empty_slots, encode_slots
+
+    quantizer = SplitQuantizer(64, bits, seed=3)
+    x = _randn(1, 2, 7, 64, seed=int(bits * 10)) * torch.linspace(0.2, 3.0, 64, device=DEVICE)
+    channels = outlier_order(x, quantizer.outlier_channels)
+    slots, decoded = {}, {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("TURBOQUANT_BACKEND", choice)
+        slots[choice] = empty_slots(quantizer, 1, 2, 9, torch.float32, DEVICE, fill=torch.zeros)
+        encode_slots(x, quantizer, slots[choice], 2, channels)
+        decoded[choice] = torch.zeros(1, 2, 9, 64, device=DEVICE)
+        decode_slots(slots["torch"], quantizer, decoded[choice], channels)
+    ordered = torch.take_along_dim(x, channels[:, :, None], dim=-1)
+    for part, part_x, name in zip(quantizer.parts, quantizer.split(ordered), ("outliers", "regular")):
+        _check_encoding(getattr(slots["triton"], name), getattr(slots["torch"], name), part_x, part, 2)
+    assert _relative_error(decoded["triton"], decoded["torch"]) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- GPU scale
 
 

@@ -79,7 +79,7 @@ def valid_bytes(cache: TurboQuantCache) -> int:
 
 # ----------------------------------------------------------------------------------- same as recomputing
 @pytest.mark.parametrize("attention", ["sdpa", "turboquant"])
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, 3, 3.5])
 @pytest.mark.parametrize("residual_length, sink_tokens", [(0, 0), (8, 0), (0, 5)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_copy_and_file_continue_like_a_recomputed_prefix(llama, tmp_path, batch, residual_length, sink_tokens, bits,
@@ -373,6 +373,38 @@ def test_format_version_1_files_still_load(llama, tmp_path):
         TurboQuantCache.load(path)
 
 
+def test_fractional_bits_write_version_3_and_refuse_a_bad_channel_order(llama, tmp_path):
+    """Fractional bits: format version 3 (an earlier release says it cannot read it, rather than misread it), both
+    parts' slots and each layer's channel order in the file; a missing or broken channel order is named."""
+    from safetensors import safe_open
+
+    from turboquant_hf.tensor_file import checksum
+
+    path = prefilled(llama, token_ids(1, 30, seed=14), key_bits=2.5, value_bits=4, residual_length=0).save(
+        tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        assert file.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+        names = set(file.keys())
+    assert {"layers.0.keys.outliers.packed_indices", "layers.0.keys.regular.scales", "layers.0.key_channels",
+            "layers.0.values.packed_indices"} <= names and "layers.0.value_channels" not in names
+    data = path.read_bytes()
+
+    def drop_channels(metadata, tensors):
+        del tensors["layers.1.key_channels"]
+        metadata["checksum"] = checksum(tensors)
+
+    def repeat_a_channel(metadata, tensors):
+        tensors["layers.0.key_channels"][..., 1] = tensors["layers.0.key_channels"][..., 0]
+        metadata["checksum"] = checksum(tensors)
+
+    for edit, message in ((drop_channels, "layer 1 .*key_channels is missing"),
+                          (repeat_a_channel, "layer 0 .*key_channels is not a channel order: each row must be a permutation")):
+        path.write_bytes(data)
+        rewrite(path, edit)
+        with pytest.raises(ValueError, match=message):
+            TurboQuantCache.load(path, model_config=llama.config)
+
+
 def test_model_config_mismatches_are_named(llama, tmp_path):
     path = prefilled(llama, token_ids(1, 20, seed=12)).save(tmp_path / "cache.safetensors")
     with pytest.raises(ValueError, match="file has 2 layers, model config has 4"):
@@ -393,7 +425,7 @@ def test_file_header_is_json_metadata(llama, tmp_path):
     path = prefilled(llama, token_ids(2, 20, seed=13), bits=3, residual_length=8).save(tmp_path / "c.safetensors")
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
-    assert metadata["format_version"] == "1"  # no fractional bits: a file earlier releases read
+    assert metadata["format_version"] == "2"  # no fractional bits: a file earlier releases read
     assert json.loads(metadata["config"])["bits"] == 3
     layers = json.loads(metadata["fingerprint"])["layers"]
     assert layers[0] == {"kind": "TurboQuantLayer", "batch": 2, "kv_heads": 1, "head_dim": 64, "value_head_dim": 64,
