@@ -243,10 +243,15 @@ def test_spec_labels():
     assert parse_cache_spec("tq3:norms=corrected").label == "tq3"  # the default
     assert parse_cache_spec("tq3:norms=raw").label == "tq3:norms=raw"
     assert [s.label for s in parse_cache_specs("tq4, dynamic,tq4")] == ["tq4", "dynamic"]
+    assert (parse_cache_spec("tq3.5").key_bits, parse_cache_spec("k4v2.5").label) == (3.5, "k4v2.5")
+    assert parse_cache_spec("k4.0v3").label == "k4v3"  # integral bits stay ints
 
 
 @pytest.mark.parametrize("text, message", [
-    ("tq5", "one of (1, 2, 3, 4, 8)"),
+    ("tq5", "one of (1, 2, 3, 4, 8, 2.5, 3.5, 4.5)"),
+    ("tq2.7", "bits must be one of (1, 2, 3, 4, 8, 2.5, 3.5, 4.5), got 2.7"),
+    ("k4v1.5", "value bits must be one of"),
+    ("tq3.5-qjl", "-qjl needs key bits in (2, 3, 4)"),
     ("tq1-qjl", "-qjl needs key bits in (2, 3, 4)"),
     ("k9v2", "key bits must be one of"),
     ("quanto-int3", "one of (2, 4)"),

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from turboquant_hf import TurboQuantCache, TurboQuantConfig, TurboQuantizer, backend
+from turboquant_hf import (
+    SplitQuantizedTensor, SplitQuantizer, TurboQuantCache, TurboQuantConfig, TurboQuantizer, backend,
+)
 from turboquant_hf.eval.loading import cache_kwarg
-from turboquant_hf.outliers import SplitQuantizedTensor, SplitQuantizer, outlier_order
+from turboquant_hf.outliers import outlier_order
 from turboquant_hf.quantizer import shared_quantizer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tests/conftest.py
@@ -192,7 +194,8 @@ def test_head_dim_that_cannot_split_is_refused_at_the_first_update(kwargs, head_
         cache.update(torch.randn(1, 1, 3, head_dim), torch.randn(1, 1, 3, head_dim), 0)
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 3.5}, {"config": TurboQuantConfig(layer_overrides={2: {"key_bits": 2.5}})}])
+@pytest.mark.parametrize("kwargs", [{"bits": 3.5},
+                                    {"config": TurboQuantConfig(layer_overrides={2: {"key_bits": 2.5}})}])
 def test_static_layout_refuses_fractional_bits(kwargs):
     with pytest.raises(ValueError, match=r"static layout \(max_cache_len=\) does not support fractional bits"):
         TurboQuantCache(max_cache_len=64, **kwargs)

@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _SOURCES = {
     "QuantizedTensor": "quantizer",
     "Rotation": "rotation",
+    "SplitQuantizedTensor": "outliers",
+    "SplitQuantizer": "outliers",
     "TurboQuantCache": "cache",
     "TurboQuantConfig": "config",
     "TurboQuantLayer": "cache",

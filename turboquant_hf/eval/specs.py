@@ -65,7 +65,8 @@ def _bits_set(bits: tuple[int | float, ...]) -> str:
 
 
 ALLOWED_NAMES = (
-    f"dynamic, tq{_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)}, tq{_bits_set(QJL_BITS)}-qjl, k<bits>v<bits>[-qjl] (e.g. k4v2), "
+    f"dynamic, tq{_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)}, tq{_bits_set(QJL_BITS)}-qjl, "
+    "k<bits>v<bits>[-qjl] (e.g. k4v2, k4v3.5), "
     f"fp8, quanto-int{_bits_set(QUANTO_BITS)}, hqq-int{_bits_set(HQQ_BITS)}"
 )
 NORMS = ("corrected", "raw")
