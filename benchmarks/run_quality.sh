@@ -7,6 +7,7 @@
 #   bash benchmarks/run_quality.sh [OUT_DIR]        (default out/quality; 17 min to 1 h on 2 shared CPU cores)
 #   bash benchmarks/run_quality.sh OUT_DIR kld      the KL-divergence / top-1 runs of issue 18 instead (below)
 #   bash benchmarks/run_quality.sh OUT_DIR centering  key centering and sinks against the settings before them
+#   bash benchmarks/run_quality.sh OUT_DIR fractional fractional bits (2.5, 3.5, 4.5) beside the integer ones
 #
 # The default and kld runs measured TurboQuant before key centering and sinks became its defaults (5e4a321): their
 # TurboQuant specs say so (OLD=":keys=raw:sinks=0"), so that they reproduce the committed figures.
@@ -54,6 +55,24 @@ run_kld() {  # name for the files, tokens per text, model arguments; runs both t
             > "$OUT/kld_${model}_${text%%:*}.log" 2>&1
     done
 }
+if [ "${2:-}" = fractional ]; then  # benchmarks/results/cpu_fractional_*: each text in its own process, side by side
+    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
+            --prefill 256 --chunk 64 --caches dynamic,tq2,tq2.5,tq3,tq3.5,tq4,tq4.5 \
+            --json "$OUT/cpu_fractional_smollm2_${text%%:*}.json" \
+            --markdown "$OUT/cpu_fractional_smollm2_${text%%:*}.md" > "$OUT/fractional_smollm2_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
+            --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
+            --caches dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4 --json "$OUT/cpu_fractional_qwen_coder_${text%%:*}.json" \
+            --markdown "$OUT/cpu_fractional_qwen_coder_${text%%:*}.md" > "$OUT/fractional_qwen_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    exit 0
+fi
 if [ "${2:-}" = centering ]; then  # benchmarks/results/cpu_center_sinks.md (one process at a time)
     RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0,tq2,tq4:residual=128:keys=raw:sinks=0,tq4:residual=128
     "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/prose_harbour_almanac.txt" \

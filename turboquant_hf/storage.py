@@ -127,9 +127,8 @@ class PackedKV:
     """
 
     def __init__(self, key_quantizer: TurboQuantizer | SplitQuantizer, value_quantizer: TurboQuantizer | SplitQuantizer,
-                 key_states: torch.Tensor,
-                 value_states: torch.Tensor, capacity: int = 0, ring: int | None = None, sinks: int = 0,
-                 center_keys: bool = False):
+                 key_states: torch.Tensor, value_states: torch.Tensor, capacity: int = 0, ring: int | None = None,
+                 sinks: int = 0, center_keys: bool = False):
         batch, heads = key_states.shape[:2]
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.dtype, self.device = key_states.dtype, key_states.device
