@@ -582,7 +582,7 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"bits": 4.0}, "bits must be an int, got 4.0"),
-    ({"value_bits": 3.5}, "value_bits must be an int"),
+    ({"value_bits": 2.0}, "value_bits must be an int"),
     ({"bits": True}, "bits must be an int"),
     ({"residual_length": 1.5}, "residual_length must be an int"),
     ({"seed": "0"}, "seed must be an int"),

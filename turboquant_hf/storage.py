@@ -240,8 +240,8 @@ class PackedKV:
         waits for the copies before the targets are read)."""
         for name, source, target in (("keys", self.keys, keys), ("values", self.values, values)):
             if target.shape != source.shape or len(target.tensors()) != len(source.tensors()):
-                raise ValueError(f"{name} must be slots of shape {tuple(source.shape)} with the same fields, got "
-                                 f"{tuple(target.shape)}")
+                raise ValueError(f"{name} must be slots of leading shape {tuple(source.shape[:-1])} with the same "
+                                 f"fields, got {tuple(target.shape[:-1])}")
         start, stop = (0 if fresh else min(self.synced_rows, self.length)), self.length
         self.synced_rows = stop
         if start == stop:
