@@ -224,9 +224,10 @@ def tiny_llama() -> LlamaForCausalLM:
     {"bits": 3.5, "residual_length": 0}, {"key_bits": 2.5, "value_bits": 4, "residual_length": 0},
     {"config": TurboQuantConfig(bits=4, residual_length=0, layer_overrides={1: {"key_bits": 4.5}})},
 ])
-def test_turboquant_attention_equals_sdpa_and_warns_once(settings, monkeypatch, caplog):
+@pytest.mark.parametrize("search", [{}, {"num_beams": 2}])
+def test_turboquant_attention_equals_sdpa_and_warns_once(settings, search, monkeypatch, caplog):
     """The fused attention does not read splits: it reads their dequantized past, as the sdpa path does, after one
-    warning; tokens equal and scores within 1e-6."""
+    warning; tokens equal and scores within 1e-6, greedy and with beam search (which reorders the channel orders)."""
     model = tiny_llama()
     ids = torch.randint(2, 256, (2, 40), generator=torch.Generator().manual_seed(5))
     monkeypatch.setattr(backend, "_warned", set())
@@ -236,7 +237,7 @@ def test_turboquant_attention_equals_sdpa_and_warns_once(settings, monkeypatch, 
         cache = TurboQuantCache(model_config=model.config, **settings)
         with caplog.at_level(logging.WARNING, logger=backend.logger.name):
             output = model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=5, do_sample=False,
-                                    output_scores=True, return_dict_in_generate=True)
+                                    output_scores=True, return_dict_in_generate=True, **search)
         results[attention] = output.sequences, torch.stack(output.scores)
         assert cache.layers[0].serves_packed == (attention == "turboquant")
     assert torch.equal(results["sdpa"][0], results["turboquant"][0])
