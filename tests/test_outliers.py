@@ -177,6 +177,8 @@ def test_copy_keeps_its_own_channel_order():
     ({"layer_overrides": {0: {"value_bits": 2.25}}}, ValueError, r"value_bits \(layer_overrides\[0\]\) must be one of"),
     ({"bits": 3.5, "qjl": True}, ValueError, r"qjl=True needs key_bits in \(2, 3, 4\).*got 3\.5"),
     ({"bits": 4.0}, TypeError, "bits must be an int, got 4.0"),
+    ({"bits": float("nan")}, ValueError, "bits must be one of .*got nan"),
+    ({"value_bits": float("inf")}, ValueError, "value_bits must be one of .*got inf"),
 ])
 def test_bad_bits_are_refused_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -31,7 +31,7 @@ def integer(name: str, value: Any) -> int:
 
 def _bits(name: str, value: Any) -> int | float:
     """An integer of SUPPORTED_BITS (as an int: 4.0 raises TypeError) or a float of FRACTIONAL_BITS."""
-    if isinstance(value, float) and value != int(value):
+    if isinstance(value, float) and not value.is_integer():  # NaN and inf too: ValueError
         if value not in FRACTIONAL_BITS:
             raise ValueError(f"{name} must be one of {ALLOWED_BITS}, got {value!r}")
         return float(value)
