@@ -367,7 +367,7 @@ def test_replayed_prefill_equals_prefill_through_the_cache(model, input_ids, tex
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv, message", [
     (["ppl", "--model", "m", "--caches", "tq5"], "argument --caches: 'tq5'"),
-    (["ppl", "--model", "m", "--caches", "tq3,bogus"], "allowed: dynamic, tq{1,2,3,4,8}, tq{2,3,4}-qjl"),
+    (["ppl", "--model", "m", "--caches", "tq3,bogus"], "allowed: dynamic, tq{1,2,3,4,8,2.5,3.5,4.5}, tq{2,3,4}-qjl"),
     (["ppl", "--model", "m", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from"),
     (["ppl", "--model", "m", "--dtype", "int8"], "bfloat16"),
     (["ppl", "--model", "m", "--chunk", "0"], "argument --chunk: must be an int >= 1"),
