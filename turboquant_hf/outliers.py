@@ -11,11 +11,12 @@ and the rest, and running two independent TurboQuant instances on them, the outl
 The paper's 2.5-bit example (by our reading: 32 outlier channels at 3 bits and 96 at 2, of 128) averages 2.25 bits
 as written; a half split is the one whose bits are the nominal value exactly. Each part has its own rotation (of
 its size), Lloyd-Max codebook and fp32 scale, and its own exact packing: for head_dim 128 at 3.5 bits a vector
-takes 32 + 4 + 24 + 4 = 64 bytes (TQ3: 52, TQ4: 68).
+takes 32 + 4 + 24 + 4 = 64 bytes (TQ3: 52, TQ4: 68). The second scale costs 32 bits per vector: at head_dim 64,
+3.5 bits take TQ4's 36 bytes and 2.5 bits TQ3's 28 (benchmarks/RESULTS.md, "Fractional bits", measures both).
 
 Which channels are outliers is layer state, not quantizer state (``outlier_order``): the storage chooses them per
-sequence and kv head from the first tokens it compresses and keeps them from then on; the quantizer here sees
-vectors already in that order (outlier channels first).
+sequence and kv head from the first tokens it compresses after the sinks and keeps them from then on; the quantizer
+here sees vectors already in that order (outlier channels first).
 """
 
 from __future__ import annotations
