@@ -8,6 +8,7 @@
 #   bash benchmarks/run_quality.sh OUT_DIR kld      the KL-divergence / top-1 runs of issue 18 instead (below)
 #   bash benchmarks/run_quality.sh OUT_DIR centering  key centering and sinks against the settings before them
 #   bash benchmarks/run_quality.sh OUT_DIR fractional fractional bits (2.5, 3.5, 4.5) beside the integer ones
+#   bash benchmarks/run_quality.sh OUT_DIR edges      the first and last layer at higher bits (spec option edges=)
 #
 # The default and kld runs measured TurboQuant before key centering and sinks became its defaults (5e4a321): their
 # TurboQuant specs say so (OLD=":keys=raw:sinks=0"), so that they reproduce the committed figures.
@@ -69,6 +70,24 @@ if [ "${2:-}" = fractional ]; then  # benchmarks/results/cpu_fractional_*: each 
             --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
             --caches dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4 --json "$OUT/cpu_fractional_qwen_coder_${text%%:*}.json" \
             --markdown "$OUT/cpu_fractional_qwen_coder_${text%%:*}.md" > "$OUT/fractional_qwen_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    exit 0
+fi
+if [ "${2:-}" = edges ]; then  # benchmarks/results/cpu_edges_*: the first and last layer at 8 bits (edges=8)
+    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
+            --prefill 256 --chunk 64 --caches dynamic,tq3,tq3:edges=8,tq4,tq4:edges=8,tq3:edges=4 \
+            --json "$OUT/cpu_edges_smollm2_${text%%:*}.json" \
+            --markdown "$OUT/cpu_edges_smollm2_${text%%:*}.md" > "$OUT/edges_smollm2_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
+            --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
+            --caches dynamic,tq4,tq4:edges=8,tq3.5,tq3.5:edges=8 --json "$OUT/cpu_edges_qwen_coder_${text%%:*}.json" \
+            --markdown "$OUT/cpu_edges_qwen_coder_${text%%:*}.md" > "$OUT/edges_qwen_${text%%:*}.log" 2>&1 &
     done
     wait
     exit 0

@@ -228,6 +228,8 @@ def test_lengths_are_checked(model, input_ids):
     ("fp8", CacheSpec("fp8")),
     ("quanto-int2", CacheSpec("quanto", 2, 2)),
     ("hqq-int4:residual=64", CacheSpec("hqq", 4, 4, residual=64)),
+    ("tq3:edges=8", CacheSpec("turboquant", 3, 3, edges=8)),
+    ("k4v3-qjl:edges=4.5", CacheSpec("turboquant", 4, 3, qjl=True, edges=4.5)),
 ])
 def test_spec_parsing(text, expected):
     spec = parse_cache_spec(text)
@@ -264,6 +266,10 @@ def test_spec_labels():
     ("tq3:rotation=random", "rotation must be one of"),
     ("tq3:norms=exact", "norms must be one of"),
     ("hqq-int4:norms=raw", "TurboQuant specs only"),
+    ("tq3:edges=5", "edges must be one of (1, 2, 3, 4, 8, 2.5, 3.5, 4.5), got '5'"),
+    ("tq3:edges=x", "edges must be one of"),
+    ("tq3:edges=8:edges=4", "option 'edges' given twice"),
+    ("quanto-int4:edges=8", "TurboQuant specs only"),
 ])
 def test_spec_errors_name_the_allowed_values(text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -282,6 +288,15 @@ def test_make_cache_builds_each_family(model):
     pytest.importorskip("turboquant_hf.cache")
     cache = make_cache(parse_cache_spec("k4v2-qjl:residual=16"), model.config)
     assert (cache.config.key_bits, cache.config.value_bits, cache.config.qjl, cache.config.residual_length) == (4, 2, True, 16)
+    # edges=b: the first and last decoder layer at b bits (QJL off there), the others as the spec says.
+    three_layers = tiny_config()
+    three_layers.num_hidden_layers = 3
+    cache = make_cache(parse_cache_spec("tq3-qjl:edges=8"), three_layers)
+    layers = range(3)
+    edge = [index in (0, len(layers) - 1) for index in layers]
+    assert [cache.config.for_layer(i).key_bits for i in layers] == [8 if e else 3 for e in edge]
+    assert [cache.config.for_layer(i).qjl for i in layers] == [not e for e in edge]
+    assert parse_cache_spec("tq3-qjl:edges=8").label == "tq3-qjl:edges=8"
     for text, corrected in (("tq4", True), ("tq4:norms=raw", False)):
         cache = make_cache(parse_cache_spec(text), model.config)
         forward(model, torch.ones(1, 4, dtype=torch.long), cache)

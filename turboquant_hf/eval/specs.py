@@ -16,6 +16,8 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
                                         norm correction (see TurboQuantizer)
              | keys=centered|raw        TurboQuant only: raw = keys encoded as they are (center_keys=False)
              | sinks=<N>                TurboQuant only: the first N tokens kept in full precision (default 4)
+             | edges=<b>                TurboQuant only: the first and the last decoder layer at b bits (keys and
+                                        values; b as in tq<b>), a per-layer policy (layer_overrides)
 
 Every quantized spec compresses every token unless it says ``residual=N``: the figures then measure
 the compression of everything, for TurboQuant and the baselines alike. Example: ``tq3:residual=128``.
@@ -72,7 +74,8 @@ ALLOWED_NAMES = (
 NORMS = ("corrected", "raw")
 KEYS = ("centered", "raw")
 ALLOWED_OPTIONS = (f"residual=N (N >= 0); TurboQuant only: seed=N (N >= 0), rotation={'|'.join(ROTATIONS)}, "
-                   f"norms={'|'.join(NORMS)}, keys={'|'.join(KEYS)}, sinks=N (N >= 0)")
+                   f"norms={'|'.join(NORMS)}, keys={'|'.join(KEYS)}, sinks=N (N >= 0), "
+                   f"edges=b (b in {_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)})")
 SPEC_HELP = f"names: {ALLOWED_NAMES}; options after ':' : {ALLOWED_OPTIONS}"
 
 
@@ -90,6 +93,7 @@ class CacheSpec:
     rotation: str = "hadamard"
     norms: str = "corrected"
     keys: str = "centered"
+    edges: int | float | None = None  # bits of the first and last decoder layer (None: as the others)
 
     @property
     def name(self) -> str:
@@ -120,6 +124,8 @@ class CacheSpec:
             options.append(f"keys={self.keys}")
         if self.sinks != 4:
             options.append(f"sinks={self.sinks}")
+        if self.edges is not None:
+            options.append(f"edges={self.edges}")
         return ":".join([self.name, *options])
 
     def describe(self) -> dict:
@@ -172,7 +178,7 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
     key, sep, value = option.partition("=")
     if not sep or not value:
         raise ValueError(f"{spec!r}: option {option!r} is not key=value; allowed options: {ALLOWED_OPTIONS}")
-    if key in fields and key in ("residual", "seed", "rotation", "norms", "keys", "sinks"):
+    if key in fields and key in ("residual", "seed", "rotation", "norms", "keys", "sinks", "edges"):
         raise ValueError(f"{spec!r}: option {key!r} given twice")
     if key in ("residual", "seed", "sinks"):
         if not value.isdigit():
@@ -185,6 +191,11 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         if value not in ROTATIONS:
             raise ValueError(f"{spec!r}: rotation must be one of {ROTATIONS}, got {value!r}")
         fields[key] = value
+    elif key == "edges":
+        bits = _number(value) if re.fullmatch(_NUMBER, value) else None
+        if bits not in SUPPORTED_BITS + FRACTIONAL_BITS:
+            raise ValueError(f"{spec!r}: edges must be one of {SUPPORTED_BITS + FRACTIONAL_BITS}, got {value!r}")
+        fields[key] = bits
     elif key in ("norms", "keys"):
         allowed = NORMS if key == "norms" else KEYS
         if value not in allowed:
@@ -192,7 +203,7 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         fields[key] = value
     else:
         raise ValueError(f"{spec!r}: unknown option {key!r}; allowed options: {ALLOWED_OPTIONS}")
-    if key in ("seed", "rotation", "norms", "keys", "sinks") and fields["family"] != "turboquant":
+    if key in ("seed", "rotation", "norms", "keys", "sinks", "edges") and fields["family"] != "turboquant":
         raise ValueError(f"{spec!r}: {key}= applies to TurboQuant specs only (tq*, k*v*)")
 
 
@@ -240,12 +251,17 @@ def make_cache(spec: CacheSpec, config):
     if spec.family == "dynamic":
         return DynamicCache(config=config)
     if spec.family == "turboquant":
-        from .. import TurboQuantCache
+        from .. import TurboQuantCache, TurboQuantConfig
 
-        return TurboQuantCache(key_bits=spec.key_bits, value_bits=spec.value_bits, qjl=spec.qjl,
-                               residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed,
-                               norm_correction=spec.norms == "corrected", center_keys=spec.keys == "centered",
-                               sink_tokens=spec.sinks, config=config)
+        overrides = {}
+        if spec.edges is not None:
+            last = config.get_text_config(decoder=True).num_hidden_layers - 1
+            overrides = {layer: {"key_bits": spec.edges, "value_bits": spec.edges, "qjl": False} for layer in (0, last)}
+        settings = TurboQuantConfig(key_bits=spec.key_bits, value_bits=spec.value_bits, qjl=spec.qjl,
+                                    residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed,
+                                    norm_correction=spec.norms == "corrected", center_keys=spec.keys == "centered",
+                                    sink_tokens=spec.sinks, layer_overrides=overrides)
+        return TurboQuantCache(config=settings, model_config=config)
     message = missing_backend(spec)
     if message:
         raise ImportError(message)
