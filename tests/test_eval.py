@@ -229,6 +229,8 @@ def test_lengths_are_checked(model, input_ids):
     ("quanto-int2", CacheSpec("quanto", 2, 2)),
     ("hqq-int4:residual=64", CacheSpec("hqq", 4, 4, residual=64)),
     ("tq3:edges=8", CacheSpec("turboquant", 3, 3, edges=8)),
+    ("tq4:first=none", CacheSpec("turboquant", 4, 4, first=None)),
+    ("tq4:first=3.5", CacheSpec("turboquant", 4, 4, first=3.5)),
     ("k4v3-qjl:edges=4.5", CacheSpec("turboquant", 4, 3, qjl=True, edges=4.5)),
 ])
 def test_spec_parsing(text, expected):
@@ -267,6 +269,8 @@ def test_spec_labels():
     ("tq3:norms=exact", "norms must be one of"),
     ("hqq-int4:norms=raw", "TurboQuant specs only"),
     ("tq3:edges=5", "edges must be one of (1, 2, 3, 4, 8, 2.5, 3.5, 4.5), got '5'"),
+    ("tq3:first=all", "first must be one of (1, 2, 3, 4, 8, 2.5, 3.5, 4.5, 'none'), got 'all'"),
+    ("fp8:first=none", "TurboQuant specs only"),
     ("tq3:edges=x", "edges must be one of"),
     ("tq3:edges=8:edges=4", "option 'edges' given twice"),
     ("quanto-int4:edges=8", "TurboQuant specs only"),
@@ -297,6 +301,9 @@ def test_make_cache_builds_each_family(model):
     assert [cache.config.for_layer(i).key_bits for i in layers] == [8 if e else 3 for e in edge]
     assert [cache.config.for_layer(i).qjl for i in layers] == [not e for e in edge]
     assert parse_cache_spec("tq3-qjl:edges=8").label == "tq3-qjl:edges=8"
+    assert parse_cache_spec("tq3:first=8").label == "tq3" and parse_cache_spec("tq3:first=none").label == "tq3:first=none"
+    assert make_cache(parse_cache_spec("tq3:first=none"), model.config).config.first_layer_key_bits is None
+    assert make_cache(parse_cache_spec("tq3"), model.config).config.for_layer(0).key_bits == 8
     for text, corrected in (("tq4", True), ("tq4:norms=raw", False)):
         cache = make_cache(parse_cache_spec(text), model.config)
         forward(model, torch.ones(1, 4, dtype=torch.long), cache)

@@ -536,6 +536,7 @@ SMALL_CASES = [
     AttentionCase(1, 1, 4, 64, 90, 1, 2, 4, 3, torch.float32, softcap=5.0, rotation="dense"),
     AttentionCase(1, 1, 8, 64, 40, 3, 3, 3, 3, torch.float32),  # 24 query rows: BLOCK_R 32
     AttentionCase(1, 2, 4, 128, 130, 3, 4, 4, 6, torch.float16, softcap=20.0, mask="additive"),
+    AttentionCase(1, 2, 4, 64, 150, 1, 8, 4, 5, torch.bfloat16),  # layer 0's default: 8-bit keys, 4-bit values
 ]
 
 
@@ -562,6 +563,7 @@ STATIC_CASES = [  # (case: slots = compressed, ring rows = residual), L cached t
     (AttentionCase(2, 1, 2, 128, 80, 1, 3, 2, 9, torch.bfloat16, mask="bool"), 5, 0),  # L below the ring
     (AttentionCase(1, 2, 2, 64, 120, 3, 2, 4, 6, torch.float16, softcap=20.0), 70, 67),  # after a crop
     (AttentionCase(2, 2, 4, 64, 64, 1, 4, 3, 0, mask="additive"), 64, 0),  # no ring, every slot used
+    (AttentionCase(1, 2, 4, 64, 90, 1, 8, 4, 9, torch.bfloat16), 60, 0),  # 8-bit keys (layer 0's default)
 ]
 
 

@@ -126,7 +126,7 @@ def test_layer_refuses_states_on_another_device(layout):
 
 
 def test_load_puts_each_layer_on_its_device(tmp_path):
-    cache = TurboQuantCache(bits=4, residual_length=2)
+    cache = TurboQuantCache(bits=4, residual_length=2, first_layer_key_bits=None)  # one quantizer per device
     states = torch.randn(1, 2, 5, 64)
     for index in range(2):
         cache.update(states, states, index)

@@ -111,7 +111,7 @@ def test_cache_decodes_like_the_reference_with_sinks_and_centering(key_bits, val
     scale[[3, 17, 40]] = 8.0
     keys = torch.randn(2, 2, 40, dim, generator=generator) * scale + 3.0
     values = torch.randn(2, 2, 40, dim, generator=generator) * scale.flip(0)
-    cache = TurboQuantCache(key_bits=key_bits, value_bits=value_bits, residual_length=0, sink_tokens=sinks)
+    cache = TurboQuantCache(key_bits=key_bits, value_bits=value_bits, residual_length=0, sink_tokens=sinks, first_layer_key_bits=None)
     cache.update(keys[:, :, :30], values[:, :, :30], 0)
     cache.update(keys[:, :, 30:39], values[:, :, 30:39], 0)  # later tokens use the same channels
     got_keys, got_values = cache.update(keys[:, :, 39:], values[:, :, 39:], 0)
@@ -136,7 +136,7 @@ def test_cache_decodes_like_the_reference_with_sinks_and_centering(key_bits, val
 
 
 def test_memory_report_counts_the_split_bytes():
-    cache = TurboQuantCache(bits=3.5, residual_length=0, sink_tokens=0)
+    cache = TurboQuantCache(bits=3.5, residual_length=0, sink_tokens=0, first_layer_key_bits=None)
     cache.update(torch.randn(1, 2, 64, 128), torch.randn(1, 2, 64, 128), 0)
     layer = cache.memory_report()["layers"][0]
     storage = cache.layers[0].storage
@@ -148,7 +148,7 @@ def test_memory_report_counts_the_split_bytes():
 
 
 def test_batch_operations_and_crop_carry_the_channel_order():
-    cache = TurboQuantCache(bits=2.5, residual_length=0, sink_tokens=0)
+    cache = TurboQuantCache(bits=2.5, residual_length=0, sink_tokens=0, first_layer_key_bits=None)
     keys = torch.randn(3, 1, 12, 32, generator=torch.Generator().manual_seed(4))
     keys[1, :, :, 5] *= 20
     cache.update(keys, keys, 0)
@@ -162,7 +162,7 @@ def test_batch_operations_and_crop_carry_the_channel_order():
 
 
 def test_copy_keeps_its_own_channel_order():
-    cache = TurboQuantCache(bits=3.5, residual_length=0, sink_tokens=1)
+    cache = TurboQuantCache(bits=3.5, residual_length=0, sink_tokens=1, first_layer_key_bits=None)
     cache.update(torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32), 0)
     copied = cache.copy()
     assert torch.equal(copied.layers[0].storage.key_channels, cache.layers[0].storage.key_channels)
@@ -191,7 +191,7 @@ def test_bad_bits_are_refused_at_construction(kwargs, error, match):
     ({"bits": 4.5}, 32, r"key_bits=4\.5 keeps 1/8 of the head_dim channels at 8 bits .* multiple of 64, got 32"),
 ])
 def test_head_dim_that_cannot_split_is_refused_at_the_first_update(kwargs, head_dim, match):
-    cache = TurboQuantCache(**kwargs)
+    cache = TurboQuantCache(**kwargs, first_layer_key_bits=None)
     with pytest.raises(ValueError, match=match):
         cache.update(torch.randn(1, 1, 3, head_dim), torch.randn(1, 1, 3, head_dim), 0)
 

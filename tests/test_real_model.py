@@ -107,12 +107,14 @@ def test_qwen_coder_with_8_bit_keys_keeps_the_dense_distribution(qwen_coder, qwe
     assert result["kld_exact"] and result["kld"] < 0.005 and result["top1_agreement"] > 0.97
 
 
-@pytest.mark.xfail(strict=True, reason="4-bit keys break Qwen2.5 with the Hadamard rotation (KLD 2.46 measured; "
-                                       "benchmarks/RESULTS.md, issue 18)")
-def test_qwen_coder_with_4_bit_keys_keeps_the_dense_distribution(qwen_coder, qwen_code_dense):
-    """The issue-18 goal for 4 bits, KLD <= 0.01 nats. Missed by far today: tq4 KLD 2.46 (ΔPPL +837 %) on these
-    tokens, tq4:rotation=dense 0.37, k8v4 0.0011: the keys need the bits. Qwen2.5's keys carry a large component
-    shared by every token (layer 0: key norm ~278, norm of the mean key ~275), and the quantization error scales
-    with the whole norm; why the Hadamard rotation does so much worse than a dense one here is not measured yet.
-    Strict: when a change meets the goal, this test fails until the xfail mark is removed."""
-    assert _qwen_divergence(qwen_coder, qwen_code_dense, "tq4")["kld"] <= 0.01
+@pytest.mark.parametrize("spec, kld", [("tq4", 0.01), ("tq4:first=none", None)])
+def test_qwen_coder_with_4_bit_keys_keeps_the_dense_distribution(qwen_coder, qwen_code_dense, spec, kld):
+    """The issue-18 goal for 4 bits, KLD <= 0.01 nats, met by the default 4-bit cache (layer 0's keys at 8 bits,
+    key centering, 4 sinks; measured KLD 0.0037). With layer 0 like the others (first=none) it is missed by far
+    (0.24): Qwen2.5's first layer's keys carry a large shared component (key norm ~278, norm of the mean key ~275)
+    and a few dominant channels that 4 bits do not hold."""
+    result = _qwen_divergence(qwen_coder, qwen_code_dense, spec)
+    if kld is None:
+        assert result["kld"] > 0.1
+    else:
+        assert result["kld"] <= kld

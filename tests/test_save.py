@@ -110,7 +110,8 @@ def test_qjl_keys_and_layer_overrides_round_trip(llama, tmp_path):
     from turboquant_hf import TurboQuantConfig
 
     llama.set_attn_implementation("sdpa")
-    config = TurboQuantConfig(bits=4, qjl=True, residual_length=4, layer_overrides={1: {"qjl": False, "value_bits": 2}})
+    config = TurboQuantConfig(bits=4, qjl=True, residual_length=4, first_layer_key_bits=None,
+                              layer_overrides={1: {"qjl": False, "value_bits": 2}})
     prefix, step = token_ids(2, PREFIX, seed=4), token_ids(2, 3, seed=5)
     original = prefilled(llama, prefix, config=config)
     loaded = TurboQuantCache.load(original.save(tmp_path / "qjl.safetensors"))
@@ -380,7 +381,8 @@ def test_fractional_bits_write_version_3_and_refuse_a_bad_channel_order(llama, t
 
     from turboquant_hf.tensor_file import checksum
 
-    path = prefilled(llama, token_ids(1, 30, seed=14), key_bits=2.5, value_bits=4, residual_length=0).save(
+    path = prefilled(llama, token_ids(1, 30, seed=14), key_bits=2.5, value_bits=4, residual_length=0,
+                     first_layer_key_bits=None).save(
         tmp_path / "c.safetensors")
     with safe_open(str(path), framework="pt") as file:
         assert file.metadata()["format_version"] == str(FORMAT_VERSION) == "3"

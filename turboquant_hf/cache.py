@@ -592,7 +592,7 @@ class TurboQuantCache(Cache):
 
     Args:
         bits, key_bits, value_bits, qjl, residual_length, sink_tokens, rotation, seed, norm_correction,
-            center_keys: the settings, as in ``TurboQuantConfig`` (the short form).
+            center_keys, first_layer_key_bits: the settings, as in ``TurboQuantConfig`` (the short form).
         config: a ``TurboQuantConfig`` (the long form: then leave the settings above at their defaults), or, as
             before, the model's config (same as ``model_config``).
         model_config: the model config. With it, sliding-window layers (Mistral, Gemma2/3, Qwen2 with
@@ -614,11 +614,12 @@ class TurboQuantCache(Cache):
 
     def __init__(self, bits: int = 4, *, key_bits: int | None = None, value_bits: int | None = None,
                  qjl: bool = False, residual_length: int = 128, sink_tokens: int = 4, rotation: str = "hadamard",
-                 seed: int = 0, norm_correction: bool = True, center_keys: bool = True, config: TurboQuantConfig | PretrainedConfig | None = None,
+                 seed: int = 0, norm_correction: bool = True, center_keys: bool = True,
+                 first_layer_key_bits: int | float | None = 8, config: TurboQuantConfig | PretrainedConfig | None = None,
                  model_config: PretrainedConfig | None = None, offloading: bool = False,
                  max_cache_len: int | None = None, max_batch_size: int | None = None):
         settings = dict(bits=bits, key_bits=key_bits, value_bits=value_bits, qjl=qjl, residual_length=residual_length,
-                        sink_tokens=sink_tokens, center_keys=center_keys,
+                        sink_tokens=sink_tokens, center_keys=center_keys, first_layer_key_bits=first_layer_key_bits,
                         rotation=rotation, seed=seed, norm_correction=norm_correction)
         if isinstance(config, PretrainedConfig):
             if model_config is not None:

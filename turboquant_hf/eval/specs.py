@@ -16,6 +16,8 @@ Grammar (options follow the name, each after a colon; ``--caches`` separates spe
                                         norm correction (see TurboQuantizer)
              | keys=centered|raw        TurboQuant only: raw = keys encoded as they are (center_keys=False)
              | sinks=<N>                TurboQuant only: the first N tokens kept in full precision (default 4)
+             | first=<b>|none           TurboQuant only: layer 0's keys at b bits (default 8, as the library's
+                                        first_layer_key_bits), none: as the other layers
              | edges=<b>                TurboQuant only: the first and the last decoder layer at b bits (keys and
                                         values; b as in tq<b>), a per-layer policy (layer_overrides)
 
@@ -75,7 +77,7 @@ NORMS = ("corrected", "raw")
 KEYS = ("centered", "raw")
 ALLOWED_OPTIONS = (f"residual=N (N >= 0); TurboQuant only: seed=N (N >= 0), rotation={'|'.join(ROTATIONS)}, "
                    f"norms={'|'.join(NORMS)}, keys={'|'.join(KEYS)}, sinks=N (N >= 0), "
-                   f"edges=b (b in {_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)})")
+                   f"first=b|none, edges=b (b in {_bits_set(SUPPORTED_BITS + FRACTIONAL_BITS)})")
 SPEC_HELP = f"names: {ALLOWED_NAMES}; options after ':' : {ALLOWED_OPTIONS}"
 
 
@@ -93,6 +95,7 @@ class CacheSpec:
     rotation: str = "hadamard"
     norms: str = "corrected"
     keys: str = "centered"
+    first: int | float | None = 8  # bits of layer 0's keys (None: as the others)
     edges: int | float | None = None  # bits of the first and last decoder layer (None: as the others)
 
     @property
@@ -124,6 +127,8 @@ class CacheSpec:
             options.append(f"keys={self.keys}")
         if self.sinks != 4:
             options.append(f"sinks={self.sinks}")
+        if self.first != 8 and self.family == "turboquant":
+            options.append(f"first={'none' if self.first is None else self.first}")
         if self.edges is not None:
             options.append(f"edges={self.edges}")
         return ":".join([self.name, *options])
@@ -178,7 +183,7 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
     key, sep, value = option.partition("=")
     if not sep or not value:
         raise ValueError(f"{spec!r}: option {option!r} is not key=value; allowed options: {ALLOWED_OPTIONS}")
-    if key in fields and key in ("residual", "seed", "rotation", "norms", "keys", "sinks", "edges"):
+    if key in fields and key in ("residual", "seed", "rotation", "norms", "keys", "sinks", "first", "edges"):
         raise ValueError(f"{spec!r}: option {key!r} given twice")
     if key in ("residual", "seed", "sinks"):
         if not value.isdigit():
@@ -191,10 +196,14 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         if value not in ROTATIONS:
             raise ValueError(f"{spec!r}: rotation must be one of {ROTATIONS}, got {value!r}")
         fields[key] = value
-    elif key == "edges":
+    elif key in ("first", "edges"):
         bits = _number(value) if re.fullmatch(_NUMBER, value) else None
+        if key == "first" and value == "none":
+            fields[key] = None
+            return _turboquant_only(key, fields, spec)
         if bits not in SUPPORTED_BITS + FRACTIONAL_BITS:
-            raise ValueError(f"{spec!r}: edges must be one of {SUPPORTED_BITS + FRACTIONAL_BITS}, got {value!r}")
+            allowed = SUPPORTED_BITS + FRACTIONAL_BITS + (("none",) if key == "first" else ())
+            raise ValueError(f"{spec!r}: {key} must be one of {allowed}, got {value!r}")
         fields[key] = bits
     elif key in ("norms", "keys"):
         allowed = NORMS if key == "norms" else KEYS
@@ -203,7 +212,11 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         fields[key] = value
     else:
         raise ValueError(f"{spec!r}: unknown option {key!r}; allowed options: {ALLOWED_OPTIONS}")
-    if key in ("seed", "rotation", "norms", "keys", "sinks", "edges") and fields["family"] != "turboquant":
+    _turboquant_only(key, fields, spec)
+
+
+def _turboquant_only(key: str, fields: dict, spec: str) -> None:
+    if key in ("seed", "rotation", "norms", "keys", "sinks", "first", "edges") and fields["family"] != "turboquant":
         raise ValueError(f"{spec!r}: {key}= applies to TurboQuant specs only (tq*, k*v*)")
 
 
@@ -260,7 +273,7 @@ def make_cache(spec: CacheSpec, config):
         settings = TurboQuantConfig(key_bits=spec.key_bits, value_bits=spec.value_bits, qjl=spec.qjl,
                                     residual_length=spec.residual, rotation=spec.rotation, seed=spec.seed,
                                     norm_correction=spec.norms == "corrected", center_keys=spec.keys == "centered",
-                                    sink_tokens=spec.sinks, layer_overrides=overrides)
+                                    sink_tokens=spec.sinks, first_layer_key_bits=spec.first, layer_overrides=overrides)
         return TurboQuantCache(config=settings, model_config=config)
     message = missing_backend(spec)
     if message:
