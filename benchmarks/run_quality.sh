@@ -62,61 +62,39 @@ run_kld() {  # name for the files, tokens per text, model arguments; runs both t
             > "$OUT/kld_${model}_${text%%:*}.log" 2>&1
     done
 }
-if [ "${2:-}" = fractional ]; then  # benchmarks/results/cpu_fractional_*: each text in its own process, side by side
-    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
+run_two_models() {  # mode, SmolLM2 caches, Qwen2.5-Coder caches: results/cpu_<mode>_{smollm2,qwen_coder}_{prose,code}
+    # Each model on both texts, the two texts as two processes side by side; SmolLM2 over 2,049 tokens, Qwen 513.
+    local mode=$1 text
+    local qwen
+    qwen=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
         "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
-            --prefill 256 --chunk 64 --caches "$(uniform dynamic,tq2,tq2.5,tq3,tq3.5,tq4,tq4.5)" \
-            --json "$OUT/cpu_fractional_smollm2_${text%%:*}.json" \
-            --markdown "$OUT/cpu_fractional_smollm2_${text%%:*}.md" > "$OUT/fractional_smollm2_${text%%:*}.log" 2>&1 &
+            --prefill 256 --chunk 64 --caches "$2" --json "$OUT/cpu_${mode}_smollm2_${text%%:*}.json" \
+            --markdown "$OUT/cpu_${mode}_smollm2_${text%%:*}.md" > "$OUT/${mode}_smollm2_${text%%:*}.log" 2>&1 &
     done
     wait
     for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
-        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
+        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$qwen")" --gguf-file "$(basename "$qwen")" \
             --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
-            --caches "$(uniform dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4)" --json "$OUT/cpu_fractional_qwen_coder_${text%%:*}.json" \
-            --markdown "$OUT/cpu_fractional_qwen_coder_${text%%:*}.md" > "$OUT/fractional_qwen_${text%%:*}.log" 2>&1 &
+            --caches "$3" --json "$OUT/cpu_${mode}_qwen_coder_${text%%:*}.json" \
+            --markdown "$OUT/cpu_${mode}_qwen_coder_${text%%:*}.md" > "$OUT/${mode}_qwen_coder_${text%%:*}.log" 2>&1 &
     done
     wait
-    exit 0
-fi
-if [ "${2:-}" = first ]; then  # benchmarks/results/cpu_first_*: layer 0's keys at 8 bits (the default) or not
-    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
-    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
-        "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
-            --prefill 256 --chunk 64 --caches dynamic,tq4:first=none,tq4,tq3:first=none,tq3 \
-            --json "$OUT/cpu_first_smollm2_${text%%:*}.json" \
-            --markdown "$OUT/cpu_first_smollm2_${text%%:*}.md" > "$OUT/first_smollm2_${text%%:*}.log" 2>&1 &
-    done
-    wait
-    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
-        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
-            --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
-            --caches dynamic,tq4:first=none,tq4,tq3.5:first=none,tq3.5,tq4:first=none:seed=1,tq4:seed=1 \
-            --json "$OUT/cpu_first_qwen_coder_${text%%:*}.json" \
-            --markdown "$OUT/cpu_first_qwen_coder_${text%%:*}.md" > "$OUT/first_qwen_${text%%:*}.log" 2>&1 &
-    done
-    wait
-    exit 0
-fi
-if [ "${2:-}" = edges ]; then  # benchmarks/results/cpu_edges_*: the first and last layer at 8 bits (edges=8)
-    QWEN=$("$PYTHON" -c "from turboquant_hf.testing import qwen_coder_gguf_path; print(qwen_coder_gguf_path())")
-    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
-        "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/${text#*:}" --max-tokens 2049 \
-            --prefill 256 --chunk 64 --caches "$(uniform dynamic,tq3,tq3:edges=8,tq4,tq4:edges=8,tq3:edges=4)" \
-            --json "$OUT/cpu_edges_smollm2_${text%%:*}.json" \
-            --markdown "$OUT/cpu_edges_smollm2_${text%%:*}.md" > "$OUT/edges_smollm2_${text%%:*}.log" 2>&1 &
-    done
-    wait
-    for text in prose:prose_harbour_almanac.txt code:textwrap_py3117.txt; do
-        "$PYTHON" -m turboquant_hf.eval ppl --model "$(dirname "$QWEN")" --gguf-file "$(basename "$QWEN")" \
-            --device cpu --dtype float32 --text-file "$TEXTS/${text#*:}" --max-tokens 513 --prefill 256 --chunk 64 \
-            --caches "$(uniform dynamic,tq4,tq4:edges=8,tq3.5,tq3.5:edges=8)" --json "$OUT/cpu_edges_qwen_coder_${text%%:*}.json" \
-            --markdown "$OUT/cpu_edges_qwen_coder_${text%%:*}.md" > "$OUT/edges_qwen_${text%%:*}.log" 2>&1 &
-    done
-    wait
-    exit 0
-fi
+}
+case "${2:-}" in
+    fractional)  # fractional bits (2.5, 3.5, 4.5) beside the integer ones
+        run_two_models fractional "$(uniform dynamic,tq2,tq2.5,tq3,tq3.5,tq4,tq4.5)" \
+            "$(uniform dynamic,tq3,tq3.5,tq4,tq4.5,k4.5v4,k8v4)"
+        exit 0 ;;
+    edges)  # the first and last layer at 8 bits (edges=8)
+        run_two_models edges "$(uniform dynamic,tq3,tq3:edges=8,tq4,tq4:edges=8,tq3:edges=4)" \
+            "$(uniform dynamic,tq4,tq4:edges=8,tq3.5,tq3.5:edges=8)"
+        exit 0 ;;
+    first)  # layer 0's keys at 8 bits (the default) against uniform layers
+        run_two_models first dynamic,tq4:first=none,tq4,tq3:first=none,tq3 \
+            dynamic,tq4:first=none,tq4,tq3.5:first=none,tq3.5,tq4:first=none:seed=1,tq4:seed=1
+        exit 0 ;;
+esac
 if [ "${2:-}" = centering ]; then  # benchmarks/results/cpu_center_sinks.md (one process at a time)
     RAW=tq4:keys=raw:sinks=0,tq4:sinks=0,tq4:keys=raw:sinks=1,tq4:sinks=1,tq4:keys=raw,tq4,tq3:keys=raw:sinks=0,tq3:sinks=0,tq3:keys=raw,tq3,tq2:keys=raw:sinks=0,tq2:sinks=0,tq2,tq4:residual=128:keys=raw:sinks=0,tq4:residual=128
     "$PYTHON" -m turboquant_hf.eval ppl "${MODEL[@]}" --text-file "$TEXTS/prose_harbour_almanac.txt" \
