@@ -669,8 +669,10 @@ def test_qjl_uses_the_torch_twin_and_logs_once(monkeypatch, caplog):
 @pytest.mark.parametrize("bits", (2.5, 3.5, 4.5))
 def test_fractional_bits_run_the_kernels_part_by_part(monkeypatch, bits):
     """A split's parts go through the encode and dequantize kernels: the slots match the torch twins' (as
-    _check_encoding allows) and decode, back in the model's channel order, within 1e-5 of the torch path's. The
-    attention over them is dense (``tests/test_outliers.py`` compares it with sdpa)."""
+    _check_encoding allows), and the same (torch-encoded) slots decode through both dequantize paths, back in the
+    model's channel order, within 1e-5 of each other (decoding each backend's own slots would add the boundary
+    flips _check_encoding allows). The attention over them is dense (``tests/test_outliers.py`` compares it with
+    sdpa)."""
     from turboquant_hf.outliers import SplitQuantizer, outlier_order
     from turboquant_hf.storage import decode_slots, empty_slots, encode_slots
 
@@ -733,12 +735,14 @@ def test_gpu_decode_attention(case):
     twin = attention_mod.decode_attention_torch(*args, **kwargs)
     eps = EPS[case.dtype]
     assert _relative_error(out, twin) <= 1e-5 + 2 * eps
-    # fp32 queries and residual against float64: 1e-4 relative, as on the CPU (the issue asks 1e-3). At 131K tokens
-    # the kernel is 1.0e-5 off on the H200, where torch's own fp32 attention of the same inputs is 4.1e-6 off.
+    # fp32 queries and residual against float64: 1e-5 relative, or fp32's epsilon times sqrt(tokens) where that is
+    # more (rounding errors of a sum over L tokens grow like sqrt(L): 2.2e-5 at 131K tokens, where the kernel measured
+    # 1.0e-5 on the H200 and torch's own fp32 attention of the same inputs 4.1e-6).
     fp32_case = dataclasses.replace(case, dtype=torch.float32)
     args, kwargs = fp32_case.build(seed=20)
     reference = _reference_attention(*args, **kwargs)
-    assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= 1e-4
+    bound = max(1e-5, torch.finfo(torch.float32).eps / 2 * math.sqrt(case.compressed + case.residual))
+    assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= bound
 
 
 @pytest.mark.gpu

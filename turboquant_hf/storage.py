@@ -76,8 +76,7 @@ def dense_states(past: QuantizedTensor | SplitQuantizedTensor, quantizer: TurboQ
     batch, heads, _, dim = parts[-1].shape
     pieces = (past, *parts) if prefix is None else (prefix, past, *parts)
     past_length = past.shape[-2]
-    dense = parts[-1].new_empty((batch, heads, past_length + sum(piece.shape[-2] for piece in pieces
-                                                                 if piece is not past), dim))
+    dense = parts[-1].new_empty((batch, heads, sum(piece.shape[-2] for piece in pieces), dim))
     start = 0
     for piece in pieces:
         if piece is past:
@@ -122,8 +121,8 @@ class PackedKV:
     first ``sinks`` of them also exact), the window the next r tokens; ``push_window`` / ``flush`` / ``reserve``
     move tokens along. Static (``StaticTurboQuantLayer``, ``ring`` given; no sinks, keys not centered): every slot
     is allocated and zeroed up front, every token is encoded into its slot when written (``write_at``), and the
-    window is a ring of ``ring`` rows (token p at row p % ring) holding the newest tokens exactly. Every tensor is detached (a cache built under autograd can still be pickled
-    and continued).
+    window is a ring of ``ring`` rows (token p at row p % ring) holding the newest tokens exactly. Every tensor is
+    detached (a cache built under autograd can still be pickled and continued).
     """
 
     def __init__(self, key_quantizer: TurboQuantizer | SplitQuantizer, value_quantizer: TurboQuantizer | SplitQuantizer,

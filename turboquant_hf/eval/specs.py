@@ -197,14 +197,11 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
             raise ValueError(f"{spec!r}: rotation must be one of {ROTATIONS}, got {value!r}")
         fields[key] = value
     elif key in ("first", "edges"):
-        bits = _number(value) if re.fullmatch(_NUMBER, value) else None
-        if key == "first" and value == "none":
-            fields[key] = None
-            return _turboquant_only(key, fields, spec)
-        if bits not in SUPPORTED_BITS + FRACTIONAL_BITS:
-            allowed = SUPPORTED_BITS + FRACTIONAL_BITS + (("none",) if key == "first" else ())
+        allowed = SUPPORTED_BITS + FRACTIONAL_BITS + (("none",) if key == "first" else ())
+        bits = _number(value) if re.fullmatch(_NUMBER, value) else value
+        if bits not in allowed:
             raise ValueError(f"{spec!r}: {key} must be one of {allowed}, got {value!r}")
-        fields[key] = bits
+        fields[key] = None if bits == "none" else bits
     elif key in ("norms", "keys"):
         allowed = NORMS if key == "norms" else KEYS
         if value not in allowed:
@@ -212,10 +209,6 @@ def _parse_option(option: str, fields: dict, spec: str) -> None:
         fields[key] = value
     else:
         raise ValueError(f"{spec!r}: unknown option {key!r}; allowed options: {ALLOWED_OPTIONS}")
-    _turboquant_only(key, fields, spec)
-
-
-def _turboquant_only(key: str, fields: dict, spec: str) -> None:
     if key in ("seed", "rotation", "norms", "keys", "sinks", "first", "edges") and fields["family"] != "turboquant":
         raise ValueError(f"{spec!r}: {key}= applies to TurboQuant specs only (tq*, k*v*)")
 

@@ -188,8 +188,7 @@ def encode_into_triton(x: torch.Tensor, quantizer: TurboQuantizer, storage: Quan
     second_x, second = (x, storage) if also is None else also
     if also is not None:
         _check(second_x, quantizer, second, start)
-        if (second_x.shape, second_x.dtype) != (x.shape, x.dtype) or any(
-                a.stride() != b.stride() for a, b in zip(storage.tensors(), second.tensors())):
+        if not _launch_together(x, storage, second_x, second):
             raise ValueError("also: states must match x in shape and dtype, and its storage the strides of storage")
     batch, heads, n_tokens, dim = x.shape
     if n_tokens == 0:
@@ -223,14 +222,19 @@ def encode_into(x: torch.Tensor, quantizer: TurboQuantizer, storage: QuantizedTe
     return run(x, quantizer, storage, start, also)
 
 
+def _launch_together(x: torch.Tensor, storage: QuantizedTensor, y: torch.Tensor, y_storage: QuantizedTensor) -> bool:
+    """Whether one encode launch can take both: same shape and dtype, slots of the same strides."""
+    return (x.shape, x.dtype) == (y.shape, y.dtype) and all(
+        a.stride() == b.stride() for a, b in zip(storage.tensors(), y_storage.tensors()))
+
+
 def encode_pair_into(keys: torch.Tensor, values: torch.Tensor, key_quantizer: TurboQuantizer,
                      value_quantizer: TurboQuantizer, key_storage: QuantizedTensor, value_storage: QuantizedTensor,
                      start: int | torch.Tensor) -> None:
     """``encode_into`` for keys and values (B, H, n, D), as one call (one Triton launch) when they share the
     quantizer (bits and seed), dtype and storage strides, as a decode step's keys and values do: a launch per layer
     less. Otherwise one call each."""
-    if (key_quantizer is value_quantizer and (keys.shape, keys.dtype) == (values.shape, values.dtype)
-            and all(a.stride() == b.stride() for a, b in zip(key_storage.tensors(), value_storage.tensors()))):
+    if key_quantizer is value_quantizer and _launch_together(keys, key_storage, values, value_storage):
         encode_into(keys, key_quantizer, key_storage, start, also=(values, value_storage))
     else:
         encode_into(keys, key_quantizer, key_storage, start)
