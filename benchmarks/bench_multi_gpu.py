@@ -199,7 +199,9 @@ def run_tensor_parallel(args) -> None:
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend)  # transformers uses the group it finds
-    checkpoint = Path(args.checkpoint or ("/tmp/bench-multi-gpu-smoke" if args.smoke else "/tmp/bench-multi-gpu-8b"))
+    # One folder per shape: a checkpoint of another --layers must not be reused under this run's label.
+    checkpoint = Path(args.checkpoint or ("/tmp/bench-multi-gpu-smoke" if args.smoke
+                                          else f"/tmp/bench-multi-gpu-8b-{args.layers}-layers"))
     if rank == 0 and not (checkpoint / "config.json").is_file():
         config = smoke_config() if args.smoke else llama_8b_config(args.layers)
         build_model(args.layers, str(device), config).save_pretrained(checkpoint)
@@ -251,7 +253,7 @@ def main() -> None:
     parser.add_argument("--one-gpu-reference", action="store_true",
                         help="also run tq4 on the whole model on one GPU and compare the tokens")
     parser.add_argument("--checkpoint", default=None, help="--tp: where the random model is saved once "
-                        "(default /tmp/bench-multi-gpu-8b, ~16 GB)")
+                        "(default /tmp/bench-multi-gpu-8b-<layers>-layers, ~16 GB at 32 layers)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model on the CPU (gloo under --tp), prompts of 256 and 512, 8 steps")
     parser.add_argument("--out", default=None)

