@@ -31,11 +31,12 @@ max_memory_allocated over cache creation + prefill + decode, less the weights' b
 object holds after decoding. A row is OOM when torch.OutOfMemoryError was raised (memory is freed and the run goes
 on); a config this machine cannot build is skipped with its reason.
 
---profile N runs N more steps without synchronizing between them (the host's time to issue a step) and N under
-torch.profiler (kernels inside CUDA graphs included) and prints, per row, the GPU time per step (the sum of its
-kernels' times: against the step time, how much of the step the GPU is busy), the CUDA graph launches per step
-(one when the whole step is one graph), the host ms per step, and the kernels that take most of the GPU time; the
-JSON keeps the top 25 ("profile").
+--profile N runs N more steps without synchronizing between them (the host's time to issue a step), N under cProfile
+and N under torch.profiler (kernels inside CUDA graphs included) and prints, per row, the GPU time per step (the sum
+of its kernels' times: against the step time, how much of the step the GPU is busy), the GPU's idle time between
+kernels and the kernel pairs around most of it, the CUDA graph launches per step (one when the whole step is one
+graph), the host ms per step, the kernels that take most of the GPU time and the Python functions that take most of
+the host's; the JSON keeps the top 25 kernels ("profile").
 """
 
 from __future__ import annotations
@@ -155,11 +156,15 @@ def cache_read_bytes(kind: str, cache, config, batch: int, tokens: int) -> int:
     return held_bytes(cache)
 
 
-def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> dict:
-    """Run ``steps`` decode steps without a synchronize between them (host ms per step: how long the host takes
-    to issue one, when the GPU does not hold it back), then ``steps`` more under torch.profiler: GPU ms per step,
-    CUDA graph launches per step, and the top kernels (ms and launches per step)."""
-    from torch.profiler import ProfilerActivity, profile
+GAP_PAIRS = 8  # kernel pairs with the most GPU idle time between them, kept per profile
+
+
+def host_profile(step, token: torch.Tensor, steps: int, device: torch.device) -> tuple[float, list[dict]]:
+    """Run ``steps`` decode steps without a synchronize between them: (host ms per step: how long the host takes to
+    issue one when the GPU does not hold it back; then the same under cProfile: the 12 Python functions with the most
+    own time per step, ms)."""
+    import cProfile
+    import pstats
 
     synchronize(device)
     start = time.perf_counter()
@@ -167,6 +172,42 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -
         token = step(token)
     host_ms = 1e3 * (time.perf_counter() - start) / steps
     synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        token = step(token)
+    profiler.disable()
+    synchronize(device)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, ...)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:12]
+    return host_ms, [{"function": f"{name} ({file.rsplit('/', 2)[-1]}:{line})", "calls_per_step": calls / steps,
+                      "own_ms_per_step": 1e3 * own / steps, "cumulative_ms_per_step": 1e3 * cumulative / steps}
+                     for (file, line, name), (_, calls, own, cumulative, _) in ranked]
+
+
+def idle_gaps(kernel_events, steps: int) -> tuple[float, list[dict]]:
+    """GPU idle time between consecutive kernels (by start time) shorter than 1 ms (inside a step, not the host's
+    turn between steps), ms per step, and the kernel pairs with the most of it."""
+    ordered = sorted(kernel_events, key=lambda event: event.time_range.start)
+    pairs: dict[tuple[str, str], list[float]] = {}
+    total = 0.0
+    for before, after in zip(ordered, ordered[1:]):
+        gap = (after.time_range.start - before.time_range.end) / 1e3  # us -> ms
+        if 0 < gap < 1.0:
+            total += gap
+            pairs.setdefault((before.name[:60], after.name[:60]), []).append(gap)
+    top = sorted(pairs.items(), key=lambda item: -sum(item[1]))[:GAP_PAIRS]
+    return total / steps, [{"before": a, "after": b, "ms_per_step": sum(g) / steps, "count_per_step": len(g) / steps}
+                           for (a, b), g in top]
+
+
+def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """Host time to issue a step and its Python hot spots (``host_profile``), then ``steps`` steps under
+    torch.profiler: GPU ms per step, idle time between kernels (``idle_gaps``), CUDA graph launches per step, and the
+    top kernels (ms and launches per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    host_ms, host_top = host_profile(step, token, steps, device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
             token = step(token)
@@ -176,11 +217,14 @@ def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device) -
                for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
     kernels = sorted((kernel for kernel in kernels if kernel[1] > 0), key=lambda kernel: -kernel[1])
     graph_launches = sum(event.count for event in events if event.key == "cudaGraphLaunch") / steps
+    kernel_events = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    idle_ms, gap_pairs = idle_gaps(kernel_events, steps)
     return {"gpu_ms_per_step": sum(kernel[1] for kernel in kernels), "host_ms_per_step": host_ms,
-            "graph_launches_per_step": graph_launches,
+            "idle_ms_per_step": idle_ms, "graph_launches_per_step": graph_launches,
             "launches_per_step": sum(kernel[2] for kernel in kernels),
             "top": [{"kernel": name[:160], "ms_per_step": ms, "launches_per_step": count}
-                    for name, ms, count in kernels[:25]]}
+                    for name, ms, count in kernels[:25]],
+            "idle_pairs": gap_pairs, "host_top": host_top}
 
 
 def print_profile(row: dict) -> None:
@@ -191,6 +235,14 @@ def print_profile(row: dict) -> None:
           f"{profile['host_ms_per_step']:.2f} ms")
     for kernel in profile["top"][:12]:
         print(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['launches_per_step']:<5.0f} {kernel['kernel'][:110]}")
+    print(f"    GPU idle between kernels (gaps < 1 ms): {profile['idle_ms_per_step']:.2f} ms per step; most of it:")
+    for pair in profile["idle_pairs"]:
+        print(f"    {pair['ms_per_step']:7.3f} ms  x{pair['count_per_step']:<5.0f} {pair['before'][:50]} -> "
+              f"{pair['after'][:50]}")
+    print("    host, Python functions with the most own time (cProfile, ms per step, own / cumulative):")
+    for function in profile["host_top"]:
+        print(f"    {function['own_ms_per_step']:7.3f} / {function['cumulative_ms_per_step']:7.3f}  "
+              f"x{function['calls_per_step']:<6.0f} {function['function'][:100]}")
 
 
 def percentile(values: list[float], fraction: float) -> float:

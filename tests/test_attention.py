@@ -55,10 +55,11 @@ def test_fused_update_returns_no_dense_past():
     window, past = layer.storage.window_length, layer.storage.length
     attention_kwargs = {}  # what the model hands to update (transformers >= 5.23)
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), kwargs=attention_kwargs)
-    assert layer.serves_packed and keys.shape[2] == window + 1  # the window and the new token only
-    assert attention_kwargs["turboquant_layer"] is layer
     handed = attention_kwargs["turboquant_past"]
-    assert handed.length + handed.sink_keys.shape[2] == past  # the rest is read packed, but the 4 sinks exactly
+    # the sinks, the window and the new token only; the rest is read packed
+    assert layer.serves_packed and handed.sinks == 4 and keys.shape[2] == handed.sinks + window + 1
+    assert attention_kwargs["turboquant_layer"] is layer
+    assert handed.length + handed.sinks == past
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # no kwargs: full dense states
     assert keys.shape[2] == layer.get_seq_length()
 

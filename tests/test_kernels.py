@@ -102,9 +102,12 @@ def _boundary_distance(x: torch.Tensor, quantizer: TurboQuantizer) -> torch.Tens
 
 
 def _reference_attention(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
-                         scale, softcap=None, attention_mask=None) -> torch.Tensor:
-    """softmax(q . dequant(K)^T) . dequant(V) in float64, with causal/mask/softcap, GQA by repeat."""
+                         scale, softcap=None, attention_mask=None, key_offset=None) -> torch.Tensor:
+    """softmax(q . dequant(K)^T) . dequant(V) in float64, with causal/mask/softcap, GQA by repeat; ``key_offset`` added
+    to the decoded keys."""
     dense_keys = key_quantizer.dequantize(keys, torch.float32).double()
+    if key_offset is not None:
+        dense_keys = dense_keys + key_offset.double()
     dense_values = value_quantizer.dequantize(values, torch.float32).double()
     if residual_keys is not None:
         dense_keys = torch.cat([dense_keys, residual_keys.double()], dim=2)
@@ -490,11 +493,13 @@ class AttentionCase:
     mask: str | None = None  # None, "bool" or "additive"
     rotation: str = "hadamard"
     query_scale: float = 1.0
+    key_offset: float = 0.0  # nonzero: the packed keys are centered, stored without an offset of about this size
 
     def __str__(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         extras = "".join(f"-{part}" for part in (self.mask, self.softcap and f"cap{self.softcap:g}",
-                                                 self.rotation != "hadamard" and self.rotation) if part)
+                                                 self.rotation != "hadamard" and self.rotation,
+                                                 self.key_offset and f"offset{self.key_offset:g}") if part)
         return (f"B{self.batch}-H{self.kv_heads}x{self.group}-D{self.dim}-N{self.compressed}+{self.residual}"
                 f"-M{self.n_queries}-k{self.key_bits}v{self.value_bits}-{dtype}{extras}")
 
@@ -506,9 +511,13 @@ class AttentionCase:
         values = value_quantizer.quantize(_randn(*lead, self.compressed, self.dim, seed=seed + 4))
         query = _randn(self.batch, self.kv_heads * self.group, self.n_queries, self.dim, seed=seed + 5,
                        dtype=self.dtype, scale=self.query_scale)
+        key_offset = None
+        if self.key_offset:  # a shared component, as Qwen2's key bias gives (storage.PackedKV's center_keys)
+            key_offset = self.key_offset * (1 + _randn(*lead, 1, self.dim, seed=seed + 8))
         residual_keys = residual_values = None
         if self.residual:
-            residual_keys = _randn(*lead, self.residual, self.dim, seed=seed + 6, dtype=self.dtype)
+            residual_keys = _randn(*lead, self.residual, self.dim, seed=seed + 6)
+            residual_keys = (residual_keys if key_offset is None else residual_keys + key_offset).to(self.dtype)
             residual_values = _randn(*lead, self.residual, self.dim, seed=seed + 7, dtype=self.dtype)
         kv_len = self.compressed + self.residual
         attention_mask = None
@@ -523,6 +532,8 @@ class AttentionCase:
                 attention_mask[..., 9] -= 1.5  # a soft bias too
         args = (query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values)
         kwargs = {"scale": self.dim**-0.5, "softcap": self.softcap, "attention_mask": attention_mask}
+        if key_offset is not None:
+            kwargs["key_offset"] = key_offset
         return args, kwargs
 
 
@@ -537,6 +548,10 @@ SMALL_CASES = [
     AttentionCase(1, 1, 8, 64, 40, 3, 3, 3, 3, torch.float32),  # 24 query rows: BLOCK_R 32
     AttentionCase(1, 2, 4, 128, 130, 3, 4, 4, 6, torch.float16, softcap=20.0, mask="additive"),
     AttentionCase(1, 2, 4, 64, 150, 1, 8, 4, 5, torch.bfloat16),  # layer 0's default: 8-bit keys, 4-bit values
+    # Centered packed keys (the dynamic layout's default): the kernel adds q . offset to their logits.
+    AttentionCase(2, 2, 4, 64, 260, 1, 4, 4, 7, torch.bfloat16, key_offset=20.0),
+    AttentionCase(1, 2, 2, 128, 90, 3, 3, 4, 5, torch.float16, softcap=30.0, mask="bool", key_offset=5.0),
+    AttentionCase(1, 1, 4, 64, 150, 1, 8, 4, 3, torch.float32, key_offset=1.0),
 ]
 
 

@@ -76,8 +76,8 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers attention function: query (B, Hq, M, D), key/value (B, Hkv, L, D) -> ((B, M, Hq, D), None).
 
     turboquant_layer, turboquant_past: put into the attention kwargs by ``TurboQuantLayer.update`` (cache.py's
-    contract). With ``turboquant_past``, key/value hold only the window and the new tokens and the past is read
-    packed; without it they are the full dense states, and the layer is asked to serve its past packed from the
+    contract). With ``turboquant_past``, key/value hold only the sinks, the window and the new tokens and the past is
+    read packed; without it they are the full dense states, and the layer is asked to serve its past packed from the
     next update on.
     """
     if dropout and module.training:
@@ -100,27 +100,22 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             past.window_keys, past.window_values, past.lengths, attention_mask, past.key_spec, past.value_spec,
             float(scale), float(softcap or 0.0))
         return out.transpose(1, 2).contiguous(), None
-    # Centered packed keys: the kernel's scores are q.(k - offset) for every key, a constant shift per query that
-    # softmax ignores, but a softcap's tanh does not.
-    if past is not None and past.key_offset is not None and softcap is not None:
-        fusable = False
     if past is not None and past.split and past.length and fusable:
         warn_once(_SPLIT_NOT_FUSED)
         fusable = False
     if past is not None and past.length and fusable:
-        if past.sink_keys is not None:  # the kernel reads them with the window, after the packed tokens
-            key, value = torch.cat([past.sink_keys, key], dim=2), torch.cat([past.sink_values, value], dim=2)
-            attention_mask = _sinks_after_packed(attention_mask, past.sink_keys.shape[2], past.length)
-        if past.key_offset is not None:  # fp32: a centered fp16 key may leave fp16's range
-            key = key.float() - past.key_offset
+        # key/value: the sinks, the window and the new tokens, which the kernel reads after the packed tokens.
+        if past.sinks:
+            attention_mask = _sinks_after_packed(attention_mask, past.sinks, past.length)
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
-                               scale=scale, softcap=softcap, attention_mask=attention_mask)
+                               scale=scale, softcap=softcap, attention_mask=attention_mask, key_offset=past.key_offset)
     else:
-        if past is not None and (past.length or past.sink_keys is not None):
-            # The past is needed dense: the sinks and the dequantized packed tokens, in a transient tensor.
-            key = dense_states(past.keys, past.key_quantizer, key, prefix=past.sink_keys, offset=past.key_offset,
-                               channels=past.key_channels)
-            value = dense_states(past.values, past.value_quantizer, value, prefix=past.sink_values,
+        if past is not None and past.length:
+            # The past is needed dense: the packed tokens dequantized after the sinks, in a transient tensor.
+            s = past.sinks
+            key = dense_states(past.keys, past.key_quantizer, key[:, :, s:], prefix=key[:, :, :s],
+                               offset=past.key_offset, channels=past.key_channels)
+            value = dense_states(past.values, past.value_quantizer, value[:, :, s:], prefix=value[:, :, :s],
                                  channels=past.value_channels)
         out = dense_attention(query, key, value, attention_mask, scale=scale, softcap=softcap, causal=causal)
     return out.transpose(1, 2).contiguous(), None

@@ -77,15 +77,15 @@ class CompressedPast:
     """What the fused attention reads besides the dense states: the packed past of one layer.
 
     keys, values: QuantizedTensor (SplitQuantizedTensor at fractional bits) views with leading shape (B, H, Np),
-    the packed tokens after the sinks.
+    the packed tokens after the sinks. The dense states of the same update hold, in position order, the sinks, then
+    (after these Np packed tokens) the window and the new tokens.
     """
 
     keys: QuantizedTensor | SplitQuantizedTensor
     values: QuantizedTensor | SplitQuantizedTensor
     key_quantizer: TurboQuantizer | SplitQuantizer
     value_quantizer: TurboQuantizer | SplitQuantizer
-    sink_keys: torch.Tensor | None = None  # (B, H, s, D): the sinks, tokens 0 .. s - 1, exact (None: no sinks)
-    sink_values: torch.Tensor | None = None
+    sinks: int = 0  # the dense states handed beside it begin with the sinks, tokens 0 .. sinks - 1, exact
     key_offset: torch.Tensor | None = None  # (B, H, 1, D) fp32: subtracted from the packed keys (center_keys)
     key_channels: torch.Tensor | None = None  # (B, H, D) int64: a split quantizer's channel order (PackedKV)
     value_channels: torch.Tensor | None = None
@@ -230,7 +230,8 @@ class TurboQuantLayer(DynamicLayer):
         returned = storage.dense(key_states, value_states, with_past=not packed)
         if attention_kwargs is not None:
             attention_kwargs["turboquant_past"] = self.compressed_past() if packed else None
-        storage.push_window(key_states, value_states)
+        # Without the past, the returned states hold the new window already (after the sinks): no second concatenation.
+        storage.push_window(key_states, value_states, joined=returned if packed else None)
         overflow = storage.window_length - self.residual_length
         # Flush in blocks: the window grows to residual_length + block, then its oldest tokens are compressed
         # together, so most decode steps run no encode at all.
@@ -257,8 +258,8 @@ class TurboQuantLayer(DynamicLayer):
     def compressed_past(self) -> CompressedPast:
         """The packed past as it is now (views, no copy), for an attention that reads it packed."""
         storage = self.storage
-        keys, values, sink_keys, sink_values = storage.attended_past()
-        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, sink_keys, sink_values,
+        keys, values, _, _ = storage.attended_past()
+        return CompressedPast(keys, values, storage.key_quantizer, storage.value_quantizer, storage.sink_length,
                               storage.key_offset, storage.key_channels, storage.value_channels)
 
     def serve_packed(self, config: PretrainedConfig) -> None:

@@ -280,8 +280,14 @@ class PackedKV:
         rows = torch.arange(start, stop, device=self.device) % max(self.window_keys.shape[2], 1)
         return self.window_keys[:, :, rows], self.window_values[:, :, rows]
 
-    def push_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Append (B, H, n, D) states to the dense window."""
+    def push_window(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                    joined: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Append (B, H, n, D) states to the dense window. ``joined``: what ``dense(..., with_past=False)`` returned
+        for these states (sinks ++ window ++ them): the new window becomes a view of it instead of a new tensor."""
+        if joined is not None and joined[0].dtype == self.window_keys.dtype == self.window_values.dtype:
+            sinks = self.sink_length
+            self.window_keys, self.window_values = (states.detach()[:, :, sinks:] for states in joined)
+            return
         self.window_keys = torch.cat([self.window_keys, key_states.detach()], dim=-2)
         self.window_values = torch.cat([self.window_values, value_states.detach()], dim=-2)
 
@@ -295,9 +301,11 @@ class PackedKV:
 
     def dense(self, key_states: torch.Tensor, value_states: torch.Tensor, *, with_past: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(If ``with_past``, the sinks ++ the dequantized rest of the slots ++) window ++ the given (B, H, n, D)
+        """The sinks ++ (if ``with_past``, the dequantized rest of the slots ++) the window ++ the given (B, H, n, D)
         states, in their dtype."""
-        keys, values, sink_keys, sink_values = self.attended_past() if with_past else (*self.past(0), None, None)
+        keys, values, sink_keys, sink_values = self.attended_past()
+        if not with_past:
+            keys, values = self.past(0)
         return (dense_states(keys, self.key_quantizer, self.window_keys, key_states, prefix=sink_keys,
                              offset=self.key_offset, channels=self.key_channels),
                 dense_states(values, self.value_quantizer, self.window_values, value_states, prefix=sink_values,

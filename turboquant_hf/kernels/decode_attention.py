@@ -119,12 +119,14 @@ def _phase(gathered, j: tl.constexpr, PHASES: tl.constexpr):
 def _rotate_query_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
     rot_ptr, q_rot_ptr,
-    kv_heads, group, n_queries, padded_rows, scale,
+    offset_ptr, stride_ob, stride_oh, stride_od, bias_ptr,
+    kv_heads, group, n_queries, padded_rows, scale, bias_scale,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr,
-    TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr,
+    TILE_PIECES: tl.constexpr, ROT_PIECES: tl.constexpr, HAS_OFFSET: tl.constexpr,
 ):
     """q_rot[b * kv_heads + h, r] = scale * q[b, h * group + r // M, r % M] @ R^T (fp32; rot_ptr: the pieces of
-    R^T, their scale folded into ``scale``); padding rows read row 0."""
+    R^T, their scale folded into ``scale``); padding rows read row 0. HAS_OFFSET: also bias[b * kv_heads + h, r] =
+    bias_scale * q . offset[b, h] (fp32), what the packed keys' scores lack when they were stored centered."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // kv_heads).to(tl.int64)
     h = (pid_bh % kv_heads).to(tl.int64)
@@ -137,6 +139,10 @@ def _rotate_query_kernel(
     q_hi, q_lo = query, query  # fp16: exact as it is
     if TILE_PIECES > 1:
         q_hi, q_lo = split_fp16(query.to(tl.float32))
+    if HAS_OFFSET:
+        offset = tl.load(offset_ptr + b * stride_ob + h * stride_oh + tl.arange(0, HEAD_DIM) * stride_od)
+        bias = tl.sum(query.to(tl.float32) * offset[None, :], axis=1) * bias_scale
+        tl.store(bias_ptr + pid_bh.to(tl.int64) * padded_rows + rows, bias)
     out_rows = q_rot_ptr + (pid_bh.to(tl.int64) * padded_rows + rows) * HEAD_DIM
     cols = tl.arange(0, BLOCK_COL)
     for col0 in tl.static_range(0, HEAD_DIM, BLOCK_COL):
@@ -149,7 +155,7 @@ def _rotate_query_kernel(
                                "split_len", "ring"])
 def _split_kernel(
     query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
-    q_rot_ptr,
+    q_rot_ptr, bias_ptr,
     k_packed_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpbyte,
     k_scales_ptr, stride_ksb, stride_ksh, stride_ksn,
     v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
@@ -164,7 +170,7 @@ def _split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, MASK_KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    RESIDUAL_BLOCK_N: tl.constexpr, DEVICE_LENGTH: tl.constexpr,
+    RESIDUAL_BLOCK_N: tl.constexpr, DEVICE_LENGTH: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (split, batch * kv head, row block): unnormalized partial attention with its row max and sum.
 
@@ -182,6 +188,9 @@ def _split_kernel(
     length_ptr (int64 [L, F]: L cached tokens including the new ones, F the first position the ring still holds):
     tokens from max(L - ring, F, 0) on are the dense window, stored in a ring (token p at row p % ring of rk/rv), the
     rest are read packed; splits past them are empty.
+
+    HAS_BIAS: bias_ptr (batch * kv_heads, padded_rows) fp32 is added to every packed key's logit of its row (the
+    scaled q . key offset of centered keys, from _rotate_query_kernel).
     """
     if DEVICE_LENGTH:
         total = tl.load(length_ptr).to(tl.int32)
@@ -227,6 +236,8 @@ def _split_kernel(
         if K_PHASES > 2:
             q_hi2, q_lo2 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 2)[None, :]))
             q_hi3, q_lo3 = split_fp16(tl.load(q_rot_rows[:, None] + (k_columns + 3)[None, :]))
+        if HAS_BIAS:
+            row_bias = tl.load(bias_ptr + pid_bh.to(tl.int64) * padded_rows + rows)
         start = split * split_len
         stop = tl.minimum(start + split_len, compressed_len)
         for n0 in range(start, stop, BLOCK_N):
@@ -245,8 +256,11 @@ def _split_kernel(
             if K_PHASES > 2:
                 scores = _dot_split(q_hi2, q_lo2, tl.trans(_phase(key_entries, 2, K_PHASES)), scores)
                 scores = _dot_split(q_hi3, q_lo3, tl.trans(_phase(key_entries, 3, K_PHASES)), scores)
-            logits = _masked_logits(scores * key_scales[None, :], kv_pos, kv_valid, query_pos, row_valid, mask_rows,
-                                    stride_mn, softcap, USE_SOFTCAP, MASK_KIND)
+            scores = scores * key_scales[None, :]
+            if HAS_BIAS:
+                scores += row_bias[:, None]
+            logits = _masked_logits(scores, kv_pos, kv_valid, query_pos, row_valid, mask_rows, stride_mn, softcap,
+                                    USE_SOFTCAP, MASK_KIND)
             weights, row_max, row_sum, alpha = _softmax_step(logits, row_max, row_sum)
             w_hi, w_lo = split_fp16(weights * value_scales[None, :])
             value_entries = _gather(v_words, v_table_ptr, V_BITS, V_PHASES)
@@ -352,14 +366,15 @@ def _merge_kernel(
 
 
 def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
-           length=None):
+           length=None, key_offset=None):
     if query.dim() != 4:
         raise ValueError(f"query must be (batch, q_heads, M, head_dim), got shape {tuple(query.shape)}")
     key_quantizer._check_quantized(keys)
     value_quantizer._check_quantized(values)
     check_same_device("decode attention", query.device, key_packed=keys.packed_indices, key_scales=keys.scales,
                       value_packed=values.packed_indices, value_scales=values.scales, residual_keys=residual_keys,
-                      residual_values=residual_values, attention_mask=attention_mask, length=length)
+                      residual_values=residual_values, attention_mask=attention_mask, length=length,
+                      key_offset=key_offset)
     batch, q_heads, n_queries, dim = query.shape
     if keys.scales.dim() != 3 or tuple(values.scales.shape) != tuple(keys.scales.shape):
         raise ValueError(f"keys and values must share a (batch, kv_heads, n) leading shape, got "
@@ -370,6 +385,13 @@ def _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, r
                          f"with head_dim {key_quantizer.dim} (q_heads must be a multiple of kv_heads)")
     if (residual_keys is None) != (residual_values is None):
         raise ValueError("residual_keys and residual_values must both be tensors or both be None")
+    if key_offset is not None:
+        if length is not None:
+            raise ValueError("key_offset is for the dynamic layout's centered keys; the static layout (length=) has "
+                             "none")
+        if tuple(key_offset.shape) != (batch, kv_heads, 1, dim) or key_offset.dtype != torch.float32:
+            raise ValueError(f"key_offset must be a float32 (batch, kv_heads, 1, head_dim) = "
+                             f"{(batch, kv_heads, 1, dim)} tensor, got {key_offset.dtype} {tuple(key_offset.shape)}")
     if residual_keys is not None:
         expected = (batch, kv_heads, residual_keys.shape[2], dim)
         if tuple(residual_keys.shape) != expected or tuple(residual_values.shape) != expected:
@@ -400,7 +422,7 @@ def decode_attention_torch(
     query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
     value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
     scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None) -> torch.Tensor:
+    length: torch.Tensor | None = None, key_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of M new query tokens over compressed + dense keys/values (torch reference).
 
     query: (batch, q_heads, M, head_dim) fp16/bf16/fp32; keys, values: QuantizedTensor with leading shape
@@ -417,15 +439,20 @@ def decode_attention_torch(
     (token p at row p % W) whose tokens from max(L - W, F) on are exact and replace their packed copies (F: the
     first position the ring still holds after a crop); the queries sit at positions L - M .. L - 1, and
     attention_mask, if any, is (batch, 1, M, >= N).
+
+    key_offset (the dynamic layout's centered keys): (batch, kv_heads, 1, head_dim) fp32, what the packed keys were
+    stored without: the packed keys read are the decoded ones plus it (the residual keys are exact as given).
     """
     _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
-           length)
+           length, key_offset)
     if length is not None:
         dense_keys, dense_values = static_dense(keys, values, key_quantizer, value_quantizer, residual_keys,
                                                 residual_values, length, torch.float32)
         return attention_fp32(query, dense_keys, dense_values, scale=scale, softcap=softcap, causal=False,
                               attention_mask=static_mask(attention_mask, length, query.shape[2], keys.scales.shape[2]))
     dense_keys = key_quantizer.dequantize(keys, torch.float32)
+    if key_offset is not None:
+        dense_keys = dense_keys + key_offset
     dense_values = value_quantizer.dequantize(values, torch.float32)
     if residual_keys is not None:
         dense_keys = torch.cat([dense_keys, residual_keys.float()], dim=2)
@@ -532,7 +559,7 @@ def decode_attention_triton(
     query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
     value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
     scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None) -> torch.Tensor:
+    length: torch.Tensor | None = None, key_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``decode_attention_torch`` (fused Triton kernel, split over the sequence; with ``length``, the
     splits cover every slot and those past the valid tokens do nothing: one launch shape for a whole generation).
 
@@ -541,7 +568,7 @@ def decode_attention_triton(
     """
     check_supported("decode attention", key_quantizer, value_quantizer)
     _check(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values, attention_mask,
-           length)
+           length, key_offset)
     batch, q_heads, n_queries, dim = query.shape
     device = query.device
     kv_heads, compressed_len = keys.scales.shape[1], keys.scales.shape[2]
@@ -577,17 +604,23 @@ def decode_attention_triton(
         rk_strides, rv_strides = residual_keys.stride(), residual_values.stride()
 
     q_rot = torch.empty((batch * kv_heads, padded_rows, dim), device=device, dtype=torch.float32)
+    # Centered keys: each row's packed logits get q . offset * scale (q_bias), computed with the query rotation.
+    q_bias = q_rot if key_offset is None else torch.empty((batch * kv_heads, padded_rows), device=device,
+                                                          dtype=torch.float32)
+    offset, offset_strides = (q_rot, (0, 0, 0)) if key_offset is None else (key_offset, key_offset[:, :, 0].stride())
     with launch_device(device):
         _rotate_query_kernel[(batch * kv_heads, row_blocks)](
             query, *query.stride(),
             key_operands.rotate, q_rot,
-            kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale,
+            offset, *offset_strides, q_bias,
+            kv_heads, group, n_queries, padded_rows, float(scale) * key_operands.rotate_scale, float(scale),
             HEAD_DIM=dim, BLOCK_R=block_r, BLOCK_COL=column_block(dim),
-            TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0], num_warps=4,
+            TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0],
+            HAS_OFFSET=key_offset is not None, num_warps=4,
         )
         _split_kernel[(slots, batch * kv_heads, row_blocks)](
             query, *query.stride(),
-            q_rot,
+            q_rot, q_bias,
             keys.packed_indices, *keys.packed_indices.stride(),
             keys.scales, *keys.scales.stride(),
             values.packed_indices, *values.packed_indices.stride(),
@@ -605,7 +638,7 @@ def decode_attention_triton(
             K_PHASES=key_phases, V_PHASES=value_phases,
             HAS_RESIDUAL=residual_len > 0,
             MASK_KIND=mask_kind, USE_SOFTCAP=softcap is not None, DEVICE_LENGTH=length is not None,
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
+            HAS_BIAS=key_offset is not None, num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
         _merge_kernel[(batch * kv_heads, row_blocks)](
             part_out, part_max, part_sum, value_operands.unrotate,
@@ -622,9 +655,9 @@ def decode_attention(
     query: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor, key_quantizer: TurboQuantizer,
     value_quantizer: TurboQuantizer, residual_keys: torch.Tensor | None, residual_values: torch.Tensor | None, *,
     scale: float, softcap: float | None = None, attention_mask: torch.Tensor | None = None,
-    length: torch.Tensor | None = None) -> torch.Tensor:
+    length: torch.Tensor | None = None, key_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a compressed cache with the backend for query.device (see decode_attention_torch)."""
     fused = use_triton(query.device, "decode attention", key_quantizer, value_quantizer)
     run = decode_attention_triton if fused else decode_attention_torch
     return run(query, keys, values, key_quantizer, value_quantizer, residual_keys, residual_values,
-               scale=scale, softcap=softcap, attention_mask=attention_mask, length=length)
+               scale=scale, softcap=softcap, attention_mask=attention_mask, length=length, key_offset=key_offset)
