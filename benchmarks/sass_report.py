@@ -1,6 +1,7 @@
 """Compile the fused attention kernel for sm_90 on any machine (no GPU) and report what the hardware would run.
 
     python benchmarks/sass_report.py --bits 4 --block-n 128 --warps 4
+    python benchmarks/sass_report.py --fast     # the Gluon twin (decode_attention_fast, 4 bits, head_dim 128)
     PYTHONPATH=/tmp/triton36 python benchmarks/sass_report.py ...   # the GPU image's Triton, installed with
                                                                      # pip install --target /tmp/triton36 triton==3.6.0
 
@@ -30,6 +31,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant_hf.kernels.decode_attention import _attention_config, _phases, _split_kernel  # noqa: E402
+from turboquant_hf.kernels import decode_attention_fast  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTXAS = get_ptxas(90).path  # the ptxas this Triton itself uses for sm_90
@@ -38,7 +40,7 @@ UNIT_STRIDES = ("stride_qd", "stride_kpbyte", "stride_vpbyte", "stride_knn", "st
                 "stride_mn")
 POINTERS = {"query_ptr": "*bf16", "q_rot_ptr": "*fp32", "k_packed_ptr": "*u8", "v_packed_ptr": "*u8",
             "k_scales_ptr": "*fp32", "v_scales_ptr": "*fp32", "rk_ptr": "*bf16", "rv_ptr": "*bf16", "mask_ptr": "*bf16",
-            "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
+            "part_out_ptr": "*fp32", "length_ptr": "*i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
@@ -49,9 +51,10 @@ def compile_split_kernel(args) -> tuple[str, str]:
                  "RESIDUAL_BLOCK_N": args.residual_block_n, "K_BITS": args.bits,
                  "V_BITS": args.bits, "K_PHASES": _phases(args.bits, args.head_dim),
                  "V_PHASES": _phases(args.bits, args.head_dim), "HAS_RESIDUAL": not args.no_residual,
-                 "MASK_KIND": 0, "USE_SOFTCAP": False, **{name: 1 for name in UNIT_STRIDES}}
+                 "MASK_KIND": 0, "USE_SOFTCAP": False, "DEVICE_LENGTH": False, **{name: 1 for name in UNIT_STRIDES}}
     signature, divisible = {}, []
-    for index, name in enumerate(inspect.signature(_split_kernel.fn).parameters):
+    kernel = decode_attention_fast._fast_split_kernel if args.fast else _split_kernel
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constants:
             signature[name] = "constexpr"
         elif name in POINTERS or name in ("k_table_ptr", "v_table_ptr"):
@@ -63,10 +66,19 @@ def compile_split_kernel(args) -> tuple[str, str]:
             signature[name] = "i32"
             if name.startswith("stride") and name not in ("stride_mb", "stride_mh", "stride_mm"):
                 divisible.append(index)
-    source = ASTSource(fn=_split_kernel, signature=signature, constexprs=constants,
-                       attrs={(index,): [["tt.divisibility", 16]] for index in divisible})
+    attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
+    constants = {name: value for name, value in constants.items() if name in signature}
+    if args.fast:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source = GluonASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    else:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": args.warps, "num_stages": args.stages})
+    if args.dump:
+        for stage in ("ttgir", "ptx"):
+            Path(f"{args.dump}.{stage}").write_text(compiled.asm[stage])
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
@@ -106,7 +118,12 @@ def main() -> None:
                         "the kernel's own launch config)")
     parser.add_argument("--stages", type=int, help="num_stages (default: the kernel's own launch config)")
     parser.add_argument("--no-residual", action="store_true", help="compile without the dense-window branch")
+    parser.add_argument("--fast", action="store_true", help="the Gluon twin (decode_attention_fast): 4 bits, "
+                        "head_dim 128, 4 warps, 64 tokens per step (--bits, --block-n, --warps, --stages ignored)")
+    parser.add_argument("--dump", help="also write the TTGIR and PTX to DUMP.ttgir, DUMP.ptx")
     args = parser.parse_args()
+    if args.fast:
+        args.bits, args.head_dim, args.warps = 4, decode_attention_fast.HEAD_DIM, decode_attention_fast.WARPS
     phased = _phases(args.bits, args.head_dim) > 1
     shipped = _attention_config(args.head_dim, 4, 64, phased, torch.device("cpu"))
     args.stages = shipped["num_stages"] if args.stages is None else args.stages
@@ -118,8 +135,11 @@ def main() -> None:
     print(" ".join(line.split(":", 1)[-1].strip() for line in report.splitlines() if "Used" in line or "spill" in line))
     loop = hottest_loop(sass)
     opcodes = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", t).group(1) for t in loop)
-    print(f"compressed-token loop: {len(loop)} instructions per warp per {args.block_n} tokens = "
-          f"{len(loop) * args.warps / args.block_n:.1f} warp-instructions per token and kv head")
+    # Triton's kernel: each warp's loop iteration covers BLOCK_N tokens together with the other warps; the fast
+    # kernel's warps each take their own TOKENS_PER_WARP tokens per iteration.
+    tokens = decode_attention_fast.TOKENS_PER_WARP if args.fast else args.block_n / args.warps
+    print(f"compressed-token loop: {len(loop)} instructions per warp per iteration = "
+          f"{len(loop) / tokens:.1f} warp-instructions per token and kv head")
     print(", ".join(f"{op}:{count}" for op, count in opcodes.most_common(20)))
 
 
