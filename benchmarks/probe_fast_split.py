@@ -2,13 +2,14 @@
 
     python benchmarks/probe_fast_split.py --out benchmarks/results/h200_fast_split.json
 
-For B in (1, 8) and N in (4096, 32768, 32771, 131072) (Hq 32, Hkv 8, head_dim 128, TQ4, a 128-token bf16 window,
-random packed K/V as in bench_attention.py): runs the whole decode attention (decode_attention_triton) with the
-Triton split kernel and with the Gluon one (the same call, the split launch swapped), compares the outputs
-(max |diff| / max |ref| <= 1e-5), times both and SDPA (enable_gqa, bf16 K/V of the same N) as CUDA graph replays
-(median of 50), and prints a table. One small case also runs against the float64 torch reference, and a case
-with a mask, a softcap and 3 query tokens, and the static layout (DEVICE_LENGTH). A failure (compile error,
-mismatch) is recorded per case and the others still run; the exit code is 1 if any case failed.
+For B in (1, 8) and N in (4096, 8192, 16384, 32768, 32771, 131072) (Hq 32, Hkv 8, head_dim 128, TQ4, a 128-token
+bf16 window, random packed K/V as in bench_attention.py): runs the whole decode attention (decode_attention_triton)
+with the Triton split kernel and with the Gluon one (FAST_MIN_TOKENS set to force either), compares the outputs of
+fp32 queries (max |diff| / max |ref| <= 1e-5), times both on bf16 queries and SDPA (enable_gqa, bf16 K/V of the
+same N) as CUDA graph replays (median of 50), and prints a table. Small cases also run against the torch reference
+and the Triton kernel: plain, with a mask, a softcap and 3 query tokens, the static layout (DEVICE_LENGTH) with and
+without a mask, and centered keys (key_offset) with a softcap. A failure (compile error, mismatch) is recorded per
+case and the others still run; the exit code is 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -41,21 +42,15 @@ Q_HEADS, KV_HEADS, HEAD_DIM, RESIDUAL = 32, 8, 128, 128
 TOLERANCE = 1e-5
 
 
-class _FastSplit:
-    """Stands in for ``_split_kernel`` in decode_attention: ``[grid](...)`` runs launch_fast_split."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: fast.launch_fast_split(grid, *args, **kwargs)
-
-
 @contextlib.contextmanager
-def fast_split():
-    original = attention._split_kernel
-    attention._split_kernel = _FastSplit()
+def fast_split(on: bool):
+    """decode_attention_triton with the Gluon split kernel forced on (from 0 packed tokens) or off."""
+    original = attention.FAST_MIN_TOKENS
+    attention.FAST_MIN_TOKENS = 0 if on else 1 << 62
     try:
         yield
     finally:
-        attention._split_kernel = original
+        attention.FAST_MIN_TOKENS = original
 
 
 def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -71,16 +66,18 @@ def timed_case(quantizer, batch: int, length: int, timing: bool) -> dict:
     window_k = torch.randn(batch, KV_HEADS, RESIDUAL, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     window_v = torch.randn_like(window_k)
 
-    def run():
+    def run(query=query):
         return attention.decode_attention_triton(query, keys, values, quantizer, quantizer, window_k, window_v,
                                                  scale=HEAD_DIM**-0.5)
 
-    expected = run()
-    if timing:
-        row["triton_us"] = bench.median_us(run, graph=True)
+    # Correctness on fp32 queries (fp32 outputs): a bf16 output rounds both kernels' results, 1 ulp = 2^-8.
+    with fast_split(False):
+        expected = run(query.float())
+        if timing:
+            row["triton_us"] = bench.median_us(run, graph=True)
     try:
-        with fast_split():
-            actual = run()
+        with fast_split(True):
+            actual = run(query.float())
             torch.cuda.synchronize()
             row["rel_diff"] = relative(actual, expected)
             row["ok"] = bool(row["rel_diff"] <= TOLERANCE)
@@ -101,7 +98,7 @@ def timed_case(quantizer, batch: int, length: int, timing: bool) -> dict:
 
 
 def reference_case(quantizer, name: str, n_queries: int = 1, softcap=None, mask: bool = False,
-                   static: bool = False) -> dict:
+                   static: bool = False, offset: bool = False) -> dict:
     """A small case against the float64 torch reference and the Triton kernel."""
     batch, length = 2, 1000
     row = {"case": name}
@@ -114,17 +111,20 @@ def reference_case(quantizer, name: str, n_queries: int = 1, softcap=None, mask:
     if static:
         # Static layout: every slot packed, the ring repeats the newest 48 tokens; 900 tokens valid.
         kwargs["length"] = torch.tensor([900, 0], device="cuda", dtype=torch.int64)
+    if offset:  # centered packed keys (the dynamic layout's default): a per-row logit bias in both kernels
+        kwargs["key_offset"] = 5 * torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda")
     kv_len = length + (0 if static else 48)
     if mask:
         allowed = torch.rand(batch, 1, n_queries, kv_len, device="cuda") > 0.3
         allowed[..., -1] = True
         kwargs["attention_mask"] = allowed
     args = (query, keys, values, quantizer, quantizer, window_k, window_v)
-    expected = attention.decode_attention_triton(*args, **kwargs)
+    with fast_split(False):
+        expected = attention.decode_attention_triton(*args, **kwargs)
     reference = attention.decode_attention_torch(query.double(), keys, values, quantizer, quantizer,
                                                  window_k.double(), window_v.double(), **kwargs)
     try:
-        with fast_split():
+        with fast_split(True):
             actual = attention.decode_attention_triton(*args, **kwargs)
         row["rel_diff_vs_triton"] = relative(actual, expected)
         row["rel_diff_vs_float64"] = relative(actual, reference)
@@ -139,7 +139,7 @@ def reference_case(quantizer, name: str, n_queries: int = 1, softcap=None, mask:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768, 32771, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 32771, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -147,12 +147,14 @@ def main() -> None:
     quantizer = TurboQuantizer(HEAD_DIM, 4, device="cuda")
     results = {"command": " ".join(sys.argv), "machine": torch.cuda.get_device_name(device),
                "torch": torch.__version__, "triton": attention.triton.__version__, "python": platform.python_version(),
-               "available": fast.fast_split_available(device, quantizer, quantizer, HEAD_DIM),
+               "available": fast.fast_split_runs(device) and fast.fast_split_covers(quantizer, quantizer,
+                                                                                    HEAD_DIM),
                "reference": [], "timing": []}
     print(f"{results['machine']}, torch {results['torch']}, triton {results['triton']}; "
-          f"fast_split_available: {results['available']}\n$ {results['command']}", flush=True)
+          f"Gluon split kernel available: {results['available']}\n$ {results['command']}", flush=True)
     for name, options in (("plain", {}), ("mask+softcap+3 queries", {"n_queries": 3, "softcap": 30.0, "mask": True}),
-                          ("static layout", {"static": True}), ("static + mask", {"static": True, "mask": True})):
+                          ("static layout", {"static": True}), ("static + mask", {"static": True, "mask": True}),
+                          ("key offset + softcap", {"offset": True, "softcap": 30.0})):
         row = reference_case(quantizer, name, **options)
         results["reference"].append(row)
         print(json.dumps(row), flush=True)

@@ -36,11 +36,11 @@ from turboquant_hf.kernels import decode_attention_fast  # noqa: E402
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 PTXAS = get_ptxas(90).path  # the ptxas this Triton itself uses for sm_90
 # Strides that are 1 for the tensors the cache hands over (contiguous last dims): Triton makes them constants.
-UNIT_STRIDES = ("stride_qd", "stride_kpbyte", "stride_vpbyte", "stride_knn", "stride_vnn", "stride_rkd", "stride_rvd",
-                "stride_mn")
+UNIT_STRIDES = ("stride_qd", "stride_kpbyte", "stride_vpbyte", "stride_rkd", "stride_rvd", "stride_mn")
 POINTERS = {"query_ptr": "*bf16", "q_rot_ptr": "*fp32", "k_packed_ptr": "*u8", "v_packed_ptr": "*u8",
             "k_scales_ptr": "*fp32", "v_scales_ptr": "*fp32", "rk_ptr": "*bf16", "rv_ptr": "*bf16", "mask_ptr": "*bf16",
-            "part_out_ptr": "*fp32", "length_ptr": "*i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
+            "part_out_ptr": "*fp32", "length_ptr": "*i64", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+            "bias_ptr": "*fp32"}
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
@@ -51,7 +51,8 @@ def compile_split_kernel(args) -> tuple[str, str]:
                  "RESIDUAL_BLOCK_N": args.residual_block_n, "K_BITS": args.bits,
                  "V_BITS": args.bits, "K_PHASES": _phases(args.bits, args.head_dim),
                  "V_PHASES": _phases(args.bits, args.head_dim), "HAS_RESIDUAL": not args.no_residual,
-                 "MASK_KIND": 0, "USE_SOFTCAP": False, "DEVICE_LENGTH": False, **{name: 1 for name in UNIT_STRIDES}}
+                 "MASK_KIND": 0, "USE_SOFTCAP": False, "DEVICE_LENGTH": False, "HAS_BIAS": False,
+                 **{name: 1 for name in UNIT_STRIDES}}
     signature, divisible = {}, []
     kernel = decode_attention_fast._fast_split_kernel if args.fast else _split_kernel
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):

@@ -43,9 +43,9 @@ import triton.language as tl  # noqa: E402
 
 from turboquant_hf import QuantizedTensor, TurboQuantizer, backend, unpack  # noqa: E402
 
-encode_mod, dequant_mod, attention_mod, rotate_mod, common_mod, kernels = (
+encode_mod, dequant_mod, attention_mod, decode_attention_fast, rotate_mod, common_mod, kernels = (
     importlib.import_module(f"turboquant_hf.kernels{name}")
-    for name in (".encode", ".dequant", ".decode_attention", ".rotate", "._common", "")
+    for name in (".encode", ".dequant", ".decode_attention", ".decode_attention_fast", ".rotate", "._common", "")
 )
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -758,6 +758,66 @@ def test_gpu_decode_attention(case):
     reference = _reference_attention(*args, **kwargs)
     bound = max(1e-5, torch.finfo(torch.float32).eps / 2 * math.sqrt(case.compressed + case.residual))
     assert _relative_error(attention_mod.decode_attention_triton(*args, **kwargs), reference) <= bound
+
+
+def test_fast_split_scope_and_platform():
+    """The Gluon kernel covers 4-bit keys and values (4 MSE bits: not 4 bits with QJL) at head_dim 128 only, and never
+    runs off CUDA (the interpreter cannot run Gluon): every other case keeps the Triton split kernel."""
+    covers = decode_attention_fast.fast_split_covers
+    four = TurboQuantizer(128, 4)
+    assert covers(four, four, 128)
+    assert not covers(TurboQuantizer(128, 3), four, 128) and not covers(four, TurboQuantizer(128, 2), 128)
+    assert not covers(TurboQuantizer(64, 4), TurboQuantizer(64, 4), 64)
+    assert not covers(TurboQuantizer(128, 4, qjl=True), four, 128)
+    assert not decode_attention_fast.fast_split_runs(torch.device("cpu"))
+
+
+FAST_CASES = [  # the Gluon split kernel's scope: 4-bit keys and values, head_dim 128
+    AttentionCase(1, 8, 4, 128, 1, 1, 4, 4, 0, torch.bfloat16),  # one packed token, no window
+    AttentionCase(1, 8, 4, 128, 16384 + 17, 1, 4, 4, 128, torch.bfloat16, query_scale=3.0),
+    AttentionCase(8, 8, 4, 128, 32768, 1, 4, 4, 128, torch.bfloat16),
+    AttentionCase(32, 8, 4, 128, 4096 + 3, 1, 4, 4, 0, torch.float16),
+    AttentionCase(2, 4, 1, 128, 20000, 3, 4, 4, 7, torch.float16, softcap=30.0, mask="bool"),
+    AttentionCase(2, 2, 8, 128, 17000, 2, 4, 4, 5, torch.bfloat16, mask="additive", key_offset=5.0),
+    AttentionCase(1, 8, 4, 128, 131072 - 128, 1, 4, 4, 128, torch.bfloat16, key_offset=2.0),
+]
+
+
+@pytest.mark.gpu
+@needs_compiled_cuda
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("case", FAST_CASES, ids=str)
+def test_gpu_fast_split_matches_triton_split_and_float64(case, static, monkeypatch):
+    """The Gluon split kernel (decode_attention_fast.py, GPU only) against its twin, the Triton split kernel, and
+    float64: the same call with the fast kernel forced on (FAST_MIN_TOKENS 0) and off. ``static``: the same slots
+    read as a static layout (lengths on the device, the window as a ring)."""
+    if not decode_attention_fast.fast_split_runs(DEVICE):
+        pytest.skip("this GPU or Triton cannot run the Gluon kernel")
+    launches = []
+    monkeypatch.setattr(attention_mod, "launch_fast_split",
+                        lambda *args, **kwargs: launches.append(1) or decode_attention_fast.launch_fast_split(
+                            *args, **kwargs))
+    for dtype in (case.dtype, torch.float32):
+        args, kwargs = dataclasses.replace(case, dtype=dtype).build(seed=30)
+        if static:
+            if "key_offset" in kwargs or kwargs["attention_mask"] is not None:
+                pytest.skip("the static layout has no key offset; its masks span every slot (test_static*)")
+            query, keys, values, key_quantizer, value_quantizer, ring_keys, ring_values = args
+            if ring_keys is None:  # the static layout always has a ring
+                ring_keys = ring_values = torch.zeros(case.batch, case.kv_heads, 1, case.dim, dtype=dtype,
+                                                      device=DEVICE)
+            args = (query, keys, values, key_quantizer, value_quantizer, ring_keys, ring_values)
+            kwargs["length"] = torch.tensor([max(case.compressed - 3, case.n_queries), 0], device=DEVICE)
+        outs = {}
+        for fast_min in (10**9, 0):
+            monkeypatch.setattr(attention_mod, "FAST_MIN_TOKENS", fast_min)
+            outs[fast_min] = attention_mod.decode_attention_triton(*args, **kwargs)
+        eps = EPS[dtype]
+        assert _relative_error(outs[0], outs[10**9]) <= 1e-5 + 2 * eps
+        if dtype == torch.float32 and not static:
+            bound = max(1e-5, torch.finfo(torch.float32).eps / 2 * math.sqrt(case.compressed + case.residual))
+            assert _relative_error(outs[0], _reference_attention(*args, **kwargs)) <= bound
+    assert launches, "the fast kernel was not launched"
 
 
 @pytest.mark.gpu

@@ -3,9 +3,12 @@
 Layout of the Triton path (three launches, no host sync):
 
 1. ``_rotate_query_kernel``: q_rot = scale * q R^T once per call (fp32), in the key rotation's basis.
-2. ``_split_kernel``, grid (splits + 1, batch * kv_heads, row blocks). Splits 0..splits-1 each take a
-   slice of the compressed past; a program owns one kv head and all ``group * M`` query rows that read it
-   (GQA without repeating K/V), so the packed K/V (D * bits / 8 + 4 bytes per vector) is read once.
+2. ``_split_kernel``, grid (splits + 1, batch * kv_heads, row blocks) (on GPUs of compute capability 8.0 and newer,
+   4-bit keys and values at head_dim 128 and at least ``FAST_MIN_TOKENS`` packed tokens: the Gluon kernel of
+   decode_attention_fast.py for the compressed splits, same arguments and partials, and this one for the window).
+   Splits 0..splits-1 each take a slice of the compressed past; a program owns one kv head and all ``group * M``
+   query rows that read it (GQA without repeating K/V), so the packed K/V (D * bits / 8 + 4 bytes per vector) is
+   read once.
    It scores keys in the rotated domain (norm_k * <q_rot, c[idx_k]>), runs an online softmax in fp32
    and accumulates norm_v * c[idx_v] in the value rotation's basis; at 4 and 2 bits it works on the
    "phases" of the packed bytes (see ``_split_kernel``). The last split attends over the dense residual
@@ -28,17 +31,24 @@ logits: any finite stored key scale works while the logits stay finite. The torc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..quantizer import QuantizedTensor, TurboQuantizer
 from ._common import (
     cdiv, check_same_device, check_supported, kernel_state, launch_device, sm_count, tl, triton, use_triton,
 )
+from .decode_attention_fast import fast_split_covers, fast_split_runs, launch_fast_split
 from .dequant import decode_packed, fp16_field, load_packed
 from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
+# Packed tokens (every slot, for the static layout) from which the Gluon split kernel replaces _split_kernel where it
+# can: on the H200 it took 0.75-0.9x _split_kernel's time at 32K and 128K tokens and 1.06-1.11x at 4K
+# (benchmarks/RESULTS.md, "The Gluon split kernel"); lengths between were not measured.
+FAST_MIN_TOKENS = 16384
 
 
 @triton.jit
@@ -618,7 +628,12 @@ def decode_attention_triton(
             TILE_PIECES=tile_pieces(query.dtype), ROT_PIECES=key_operands.rotate.shape[0],
             HAS_OFFSET=key_offset is not None, num_warps=4,
         )
-        _split_kernel[(slots, batch * kv_heads, row_blocks)](
+        fast = (compressed_len >= FAST_MIN_TOKENS and fast_split_covers(key_quantizer, value_quantizer, dim)
+                and fast_split_runs(device))
+        split_grid = (slots, batch * kv_heads, row_blocks)
+        launch_split = (functools.partial(launch_fast_split, split_grid, _split_kernel) if fast
+                        else _split_kernel[split_grid])
+        launch_split(
             query, *query.stride(),
             q_rot, q_bias,
             keys.packed_indices, *keys.packed_indices.stride(),

@@ -39,14 +39,14 @@ import inspect
 
 import torch
 
+from ..backend import triton_interpreting, warn_once
 from ._common import cdiv
-from .decode_attention import _split_kernel
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-except ImportError:  # Triton without Gluon (or no Triton): fast_split_available says False
+except ImportError:  # Triton without Gluon (or no Triton): fast_split_runs says False
     gluon = gl = mma_v2 = None
 
 ROWS = 8  # query rows per program: the N of mma.m16n8k16
@@ -55,18 +55,22 @@ HEAD_DIM = 128
 WARPS = 4
 
 
-def fast_split_available(device: torch.device, key_quantizer, value_quantizer, head_dim: int) -> bool:
-    """True when ``launch_fast_split`` can replace the ``_split_kernel`` launch: a CUDA device of compute capability
-    >= 8.0 with compiled Triton (not the interpreter) that has Gluon, 4-bit keys and values without QJL, head_dim
-    128."""
-    if gluon is None or device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    from ..backend import triton_interpreting
+def fast_split_covers(key_quantizer, value_quantizer, head_dim: int) -> bool:
+    """Whether the Gluon kernel computes this case: 4-bit keys and values without QJL, head_dim 128."""
+    return head_dim == HEAD_DIM and all(q.mse_bits == 4 and not q.qjl and q.dim == head_dim
+                                        for q in (key_quantizer, value_quantizer))
 
-    if triton_interpreting() or torch.cuda.get_device_capability(device) < (8, 0):
+
+def fast_split_runs(device: torch.device) -> bool:
+    """Whether the Gluon kernel can run on ``device``: CUDA of compute capability >= 8.0, compiled Triton (not the
+    interpreter) with Gluon. A CUDA device that cannot gets one warning (the Triton split kernel runs instead)."""
+    if device.type != "cuda" or triton_interpreting() or not torch.cuda.is_available():
         return False
-    return all(q.mse_bits == 4 and not q.qjl and q.dim == head_dim for q in (key_quantizer, value_quantizer)) \
-        and head_dim == HEAD_DIM
+    if gluon is None or torch.cuda.get_device_capability(device) < (8, 0):
+        warn_once("turboquant_hf: the fast (Gluon) decode-attention kernel needs a GPU of compute capability 8.0 or "
+                  "newer and a Triton with Gluon; the Triton split kernel runs instead")
+        return False
+    return True
 
 
 if gluon is not None:
@@ -174,7 +178,7 @@ if gluon is not None:
     @gluon.jit
     def _fast_split_kernel(
         query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
-        q_rot_ptr,
+        q_rot_ptr, bias_ptr,
         k_packed_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpbyte,
         k_scales_ptr, stride_ksb, stride_ksh, stride_ksn,
         v_packed_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpbyte,
@@ -189,7 +193,7 @@ if gluon is not None:
         HEAD_DIM: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_N: gl.constexpr,
         K_BITS: gl.constexpr, V_BITS: gl.constexpr, K_PHASES: gl.constexpr, V_PHASES: gl.constexpr,
         HAS_RESIDUAL: gl.constexpr, MASK_KIND: gl.constexpr, USE_SOFTCAP: gl.constexpr,
-        RESIDUAL_BLOCK_N: gl.constexpr, DEVICE_LENGTH: gl.constexpr,
+        RESIDUAL_BLOCK_N: gl.constexpr, DEVICE_LENGTH: gl.constexpr, HAS_BIAS: gl.constexpr,
     ):
         """``_split_kernel``'s signature and partials, compressed splits only (program_id(0) < num_splits; others
         return at once). Grid (num_splits, batch * kv_heads, cdiv(group * M, 8)); num_warps = 4 (one warp per
@@ -242,6 +246,8 @@ if gluon is not None:
         row_valid3 = rows3 < group * n_queries
         query_token3 = rows3 % n_queries
         query_pos3 = compressed_len + residual_len - n_queries + query_token3
+        if HAS_BIAS:  # centered keys: each row's q . offset (see _split_kernel)
+            row_bias3 = gl.load(bias_ptr + pid_bh.to(gl.int64) * padded_rows + rows3)
         mask_rows3 = (mask_ptr + b * stride_mb + (h * group + rows3 // n_queries) * stride_mh
                       + query_token3 * stride_mm)
 
@@ -312,6 +318,8 @@ if gluon is not None:
             scores = mma_v2(k_op, q_lo, gl.zeros([W, T, R], gl.float32, layout=mma))
             scores = mma_v2(k_op, q_hi, scores)
             scores = scores * gl.expand_dims(key_scales, 2)
+            if HAS_BIAS:
+                scores = scores + row_bias3
 
             if USE_SOFTCAP:
                 scores = softcap * (1.0 - 2.0 / (gl.exp(2.0 * scores / softcap) + 1.0))
@@ -376,18 +384,19 @@ else:
     _fast_split_kernel = None
 
 
-def launch_fast_split(grid: tuple, *args, **kwargs) -> None:
-    """Drop-in for ``_split_kernel[grid](*args, **kwargs)`` (same arguments, same partials written; call it only where
-    ``fast_split_available``): the Gluon kernel for the compressed splits, then ``_split_kernel`` for the dense
-    residual slot alone (grid (1, ...) with num_splits 0 and the partial pointers moved to that slot). Packed K/V whose
-    rows are not 16-byte aligned (or whose bytes are not contiguous) run ``_split_kernel`` whole."""
+def launch_fast_split(grid: tuple, split_kernel, *args, **kwargs) -> None:
+    """Drop-in for ``split_kernel[grid](*args, **kwargs)`` (``decode_attention._split_kernel``: same arguments, same
+    partials written; call it only where ``fast_split_covers`` and ``fast_split_runs``): the Gluon kernel for the
+    compressed splits, then ``split_kernel`` for the dense residual slot alone (grid (1, ...) with num_splits 0 and the
+    partial pointers moved to that slot). Packed K/V whose rows are not 16-byte aligned (or whose bytes are not
+    contiguous) run ``split_kernel`` whole."""
     options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    named = dict(inspect.signature(_split_kernel.fn).bind(*args, **kwargs).arguments)
+    named = dict(inspect.signature(split_kernel.fn).bind(*args, **kwargs).arguments)
     aligned = all(packed.data_ptr() % 16 == 0 and packed.stride(0) % 16 == 0 and packed.stride(1) % 16 == 0
                   and packed.stride(2) % 16 == 0 and packed.stride(3) == 1
                   for packed in (named["k_packed_ptr"], named["v_packed_ptr"]))
     if not aligned:
-        _split_kernel[grid](*args, **kwargs, **options)
+        split_kernel[grid](*args, **kwargs, **options)
         return
     splits, batch_heads = named["num_splits"], grid[1]
     rows = named["group"] * named["n_queries"]
@@ -401,4 +410,4 @@ def launch_fast_split(grid: tuple, *args, **kwargs) -> None:
                     part_out_ptr=named["part_out_ptr"].view(-1)[splits * padded * named["HEAD_DIM"]:],
                     part_max_ptr=named["part_max_ptr"].view(-1)[splits * padded:],
                     part_sum_ptr=named["part_sum_ptr"].view(-1)[splits * padded:])
-    _split_kernel[(1, batch_heads, grid[2])](**residual, **options)
+    split_kernel[(1, batch_heads, grid[2])](**residual, **options)
