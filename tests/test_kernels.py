@@ -804,8 +804,8 @@ def test_gpu_fast_split_matches_triton_split_and_float64(case, static, monkeypat
                 pytest.skip("the static layout has no key offset; its masks span every slot (test_static*)")
             query, keys, values, key_quantizer, value_quantizer, ring_keys, ring_values = args
             if ring_keys is None:  # the static layout always has a ring
-                ring_keys = ring_values = torch.zeros(case.batch, case.kv_heads, 1, case.dim, dtype=dtype,
-                                                      device=DEVICE)
+                ring_keys = _randn(case.batch, case.kv_heads, 1, case.dim, seed=31, dtype=dtype)
+                ring_values = _randn(case.batch, case.kv_heads, 1, case.dim, seed=32, dtype=dtype)
             args = (query, keys, values, key_quantizer, value_quantizer, ring_keys, ring_values)
             kwargs["length"] = torch.tensor([max(case.compressed - 3, case.n_queries), 0], device=DEVICE)
         outs = {}

@@ -46,9 +46,9 @@ from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
 # Packed tokens (every slot, for the static layout) from which the Gluon split kernel replaces _split_kernel where it
-# can: on the H200 it took 0.75-0.9x _split_kernel's time at 32K and 128K tokens and 1.06-1.11x at 4K
-# (benchmarks/RESULTS.md, "The Gluon split kernel"); lengths between were not measured.
-FAST_MIN_TOKENS = 16384
+# can: on the H200 the whole call took 0.68-0.91x the time with _split_kernel from 32K tokens, 0.95-1.07x at 16K and
+# 1.09-1.25x at 4K and 8K (benchmarks/RESULTS.md, "The Gluon split kernel").
+FAST_MIN_TOKENS = 32768
 
 
 @triton.jit

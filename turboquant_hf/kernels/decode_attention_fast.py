@@ -35,6 +35,7 @@ tiled by 8 (the mma's N), so the grid's third dimension is ``cdiv(group * M, 8)`
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -384,30 +385,35 @@ else:
     _fast_split_kernel = None
 
 
+@functools.cache
+def _positions(split_kernel) -> dict[str, int]:
+    """Parameter name -> position in ``split_kernel``'s signature (inspect.signature is slow: once per kernel)."""
+    return {name: index for index, name in enumerate(inspect.signature(split_kernel.fn).parameters)}
+
+
 def launch_fast_split(grid: tuple, split_kernel, *args, **kwargs) -> None:
-    """Drop-in for ``split_kernel[grid](*args, **kwargs)`` (``decode_attention._split_kernel``: same arguments, same
-    partials written; call it only where ``fast_split_covers`` and ``fast_split_runs``): the Gluon kernel for the
-    compressed splits, then ``split_kernel`` for the dense residual slot alone (grid (1, ...) with num_splits 0 and the
-    partial pointers moved to that slot). Packed K/V whose rows are not 16-byte aligned (or whose bytes are not
-    contiguous) run ``split_kernel`` whole."""
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    named = dict(inspect.signature(split_kernel.fn).bind(*args, **kwargs).arguments)
+    """Drop-in for ``split_kernel[grid](*args, **kwargs)`` (``decode_attention._split_kernel``, its arguments up to
+    ``ring`` positional, the constexprs and launch options by keyword; same partials written; call it only where
+    ``fast_split_covers`` and ``fast_split_runs``): the Gluon kernel for the compressed splits, then ``split_kernel`` for
+    the dense residual slot alone (grid (1, ...) with num_splits 0 and the partial pointers moved to that slot). Packed
+    K/V whose rows are not 16-byte aligned (or whose bytes are not contiguous) run ``split_kernel`` whole."""
+    at = _positions(split_kernel)
     aligned = all(packed.data_ptr() % 16 == 0 and packed.stride(0) % 16 == 0 and packed.stride(1) % 16 == 0
                   and packed.stride(2) % 16 == 0 and packed.stride(3) == 1
-                  for packed in (named["k_packed_ptr"], named["v_packed_ptr"]))
+                  for packed in (args[at["k_packed_ptr"]], args[at["v_packed_ptr"]]))
     if not aligned:
-        split_kernel[grid](*args, **kwargs, **options)
+        split_kernel[grid](*args, **kwargs)
         return
-    splits, batch_heads = named["num_splits"], grid[1]
-    rows = named["group"] * named["n_queries"]
+    splits, padded, batch_heads = args[at["num_splits"]], args[at["padded_rows"]], grid[1]
+    constants = {key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")}
     if splits > 0:
-        _fast_split_kernel[(splits, batch_heads, cdiv(rows, ROWS))](**named, num_warps=WARPS)
+        rows = args[at["group"]] * args[at["n_queries"]]
+        _fast_split_kernel[(splits, batch_heads, cdiv(rows, ROWS))](*args, **constants, num_warps=WARPS)
     # The residual program writes slot (pid_bh * 1 + 0) * padded' + rows; with padded' = (splits + 1) * padded and
     # the pointers advanced by splits * padded rows, that is slot `splits` of the real layout.
-    padded = named["padded_rows"]
-    residual = dict(named)
-    residual.update(num_splits=0, padded_rows=(splits + 1) * padded,
-                    part_out_ptr=named["part_out_ptr"].view(-1)[splits * padded * named["HEAD_DIM"]:],
-                    part_max_ptr=named["part_max_ptr"].view(-1)[splits * padded:],
-                    part_sum_ptr=named["part_sum_ptr"].view(-1)[splits * padded:])
-    split_kernel[(1, batch_heads, grid[2])](**residual, **options)
+    residual = list(args)
+    residual[at["num_splits"]], residual[at["padded_rows"]] = 0, (splits + 1) * padded
+    residual[at["part_out_ptr"]] = args[at["part_out_ptr"]].view(-1)[splits * padded * kwargs["HEAD_DIM"]:]
+    for name in ("part_max_ptr", "part_sum_ptr"):
+        residual[at[name]] = args[at[name]].view(-1)[splits * padded:]
+    split_kernel[(1, batch_heads, grid[2])](*residual, **kwargs)
