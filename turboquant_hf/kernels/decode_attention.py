@@ -46,9 +46,9 @@ from .rotate import column_block, rotate_columns, split_fp16, tile_pieces
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2
 _MIN_SPLIT_TOKENS = 256
 # Packed tokens (every slot, for the static layout) from which the Gluon split kernel replaces _split_kernel where it
-# can: on the H200 the whole call took 0.68-0.91x the time with _split_kernel from 32K tokens, 0.95-1.07x at 16K and
-# 1.09-1.25x at 4K and 8K (benchmarks/RESULTS.md, "The Gluon split kernel").
-FAST_MIN_TOKENS = 32768
+# can: on the H200 the whole call took 0.68-0.91x the time with _split_kernel from 32K tokens, 0.95-1.08x at 16K and
+# 1.08-1.25x at 4K and 8K (benchmarks/RESULTS.md, "The Gluon split kernel"); 24K lies between, not measured.
+FAST_MIN_TOKENS = 24576
 
 
 @triton.jit
