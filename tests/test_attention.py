@@ -57,9 +57,9 @@ def test_fused_update_returns_no_dense_past():
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), kwargs=attention_kwargs)
     handed = attention_kwargs["turboquant_past"]
     # the sinks, the window and the new token only; the rest is read packed
-    assert layer.serves_packed and handed.sinks == 4 and keys.shape[2] == handed.sinks + window + 1
+    assert layer.serves_packed and handed.sink_length == 4 and keys.shape[2] == handed.sink_length + window + 1
     assert attention_kwargs["turboquant_layer"] is layer
-    assert handed.length + handed.sinks == past
+    assert handed.length + handed.sink_length == past
     keys, _ = layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # no kwargs: full dense states
     assert keys.shape[2] == layer.get_seq_length()
 

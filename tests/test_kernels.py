@@ -552,6 +552,7 @@ SMALL_CASES = [
     AttentionCase(2, 2, 4, 64, 260, 1, 4, 4, 7, torch.bfloat16, key_offset=20.0),
     AttentionCase(1, 2, 2, 128, 90, 3, 3, 4, 5, torch.float16, softcap=30.0, mask="bool", key_offset=5.0),
     AttentionCase(1, 1, 4, 64, 150, 1, 8, 4, 3, torch.float32, key_offset=1.0),
+    AttentionCase(1, 1, 8, 64, 40, 3, 4, 3, 3, torch.float32, key_offset=3.0),  # 24 rows: BLOCK_R 32
 ]
 
 
@@ -793,10 +794,15 @@ def test_gpu_fast_split_matches_triton_split_and_float64(case, static, monkeypat
     read as a static layout (lengths on the device, the window as a ring)."""
     if not decode_attention_fast.fast_split_runs(DEVICE):
         pytest.skip("this GPU or Triton cannot run the Gluon kernel")
-    launches = []
-    monkeypatch.setattr(attention_mod, "launch_fast_split",
-                        lambda *args, **kwargs: launches.append(1) or decode_attention_fast.launch_fast_split(
-                            *args, **kwargs))
+    launches = []  # of the Gluon kernel itself (launch_fast_split runs the Triton one alone on unaligned rows)
+    kernel = decode_attention_fast._fast_split_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(decode_attention_fast, "_fast_split_kernel", Counted())
     for dtype in (case.dtype, torch.float32):
         args, kwargs = dataclasses.replace(case, dtype=dtype).build(seed=30)
         if static:
@@ -817,16 +823,19 @@ def test_gpu_fast_split_matches_triton_split_and_float64(case, static, monkeypat
         if dtype == torch.float32 and not static:
             bound = max(1e-5, torch.finfo(torch.float32).eps / 2 * math.sqrt(case.compressed + case.residual))
             assert _relative_error(outs[0], _reference_attention(*args, **kwargs)) <= bound
-    assert launches, "the fast kernel was not launched"
+    assert launches, "the Gluon kernel was not launched"
 
 
 @pytest.mark.gpu
 @needs_compiled_cuda
-def test_gpu_decode_steps_do_not_recompile():
+def test_gpu_decode_steps_do_not_recompile(monkeypatch):
     """Growing lengths (one more token per step) must reuse the compiled kernels: Triton's default
     specialization of integer arguments would compile new variants mid-generation (seconds each)."""
-    caches = {kernel: getattr(kernel, "device_caches", None)
-              for kernel in (attention_mod._split_kernel, attention_mod._merge_kernel)}
+    kernels = [attention_mod._split_kernel, attention_mod._merge_kernel]
+    if decode_attention_fast.fast_split_runs(DEVICE):  # the Gluon kernel too, from the first packed token
+        monkeypatch.setattr(attention_mod, "FAST_MIN_TOKENS", 0)
+        kernels.append(decode_attention_fast._fast_split_kernel)
+    caches = {kernel: getattr(kernel, "device_caches", None) for kernel in kernels}
     if any(cache is None for cache in caches.values()):
         pytest.skip("this Triton keeps no device_caches to inspect")
 

@@ -2,7 +2,8 @@
 
 ``import turboquant_hf`` registers it, so ``from_pretrained(..., attn_implementation="turboquant")``
 with a ``TurboQuantCache`` never materializes the dense past: each layer's attention call reads the
-packed keys/values (``kernels.decode_attention``), plus the full-precision window and the new tokens.
+packed keys/values (``kernels.decode_attention``), plus the exact sinks, the full-precision window and the new
+tokens.
 
 Calls that have no compressed past to read (prefill of an empty cache, a layer kind the cache keeps
 dense, such as a sliding-window layer, or a model run without a TurboQuantCache) and calls with many
@@ -105,14 +106,14 @@ def turboquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         fusable = False
     if past is not None and past.length and fusable:
         # key/value: the sinks, the window and the new tokens, which the kernel reads after the packed tokens.
-        if past.sinks:
-            attention_mask = _sinks_after_packed(attention_mask, past.sinks, past.length)
+        if past.sink_length:
+            attention_mask = _sinks_after_packed(attention_mask, past.sink_length, past.length)
         out = decode_attention(query, past.keys, past.values, past.key_quantizer, past.value_quantizer, key, value,
                                scale=scale, softcap=softcap, attention_mask=attention_mask, key_offset=past.key_offset)
     else:
         if past is not None and past.length:
             # The past is needed dense: the packed tokens dequantized after the sinks, in a transient tensor.
-            s = past.sinks
+            s = past.sink_length
             key = dense_states(past.keys, past.key_quantizer, key[:, :, s:], prefix=key[:, :, :s],
                                offset=past.key_offset, channels=past.key_channels)
             value = dense_states(past.values, past.value_quantizer, value[:, :, s:], prefix=value[:, :, :s],

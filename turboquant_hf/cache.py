@@ -12,8 +12,9 @@ Contract with the attention (the only way the two talk):
 * When the model hands its attention kwargs to ``update`` (transformers >= 5.23 does, as ``kwargs=``), the layer
   adds itself to them as ``turboquant_layer``. The "turboquant" attention (attention.py) then calls
   ``layer.serve_packed(module.config)``: from the next update on, *while that config's attention
-  implementation is "turboquant"*, ``update`` leaves the packed past out of the returned states and passes it as
-  ``turboquant_past`` (a ``CompressedPast``) beside them. Switching the model to another implementation makes
+  implementation is "turboquant"*, ``update`` leaves the packed tokens after the sinks out of the returned states
+  (the sinks, the window and the new tokens remain) and passes them as ``turboquant_past`` (a ``CompressedPast``)
+  beside them. Switching the model to another implementation makes
   the next update return full dense states again; ``reset`` forgets the reader.
 """
 
@@ -85,7 +86,7 @@ class CompressedPast:
     values: QuantizedTensor | SplitQuantizedTensor
     key_quantizer: TurboQuantizer | SplitQuantizer
     value_quantizer: TurboQuantizer | SplitQuantizer
-    sinks: int = 0  # the dense states handed beside it begin with the sinks, tokens 0 .. sinks - 1, exact
+    sink_length: int = 0  # the dense states handed beside it begin with the sinks: tokens 0 .. sink_length - 1, exact
     key_offset: torch.Tensor | None = None  # (B, H, 1, D) fp32: subtracted from the packed keys (center_keys)
     key_channels: torch.Tensor | None = None  # (B, H, D) int64: a split quantizer's channel order (PackedKV)
     value_channels: torch.Tensor | None = None
@@ -222,8 +223,9 @@ class TurboQuantLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H, n, D) new states; return the dense (B, H, L, D) states for this attention call.
 
-        Returned: the packed past dequantized ++ the window ++ the new states (exact), in the new states' dtype;
-        without the packed past when the attention reads it packed (module docstring).
+        Returned: the sinks ++ the rest of the packed past dequantized ++ the window ++ the new states (exact), in the
+        new states' dtype; without the packed tokens after the sinks when the attention reads them packed (module
+        docstring). Then the window is a view of the returned states: read them, do not write into them.
         """
         attention_kwargs, packed = self._begin_update(key_states, value_states, kwargs)
         storage = self.storage

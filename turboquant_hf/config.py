@@ -86,9 +86,8 @@ class TurboQuantConfig:
         norm_correction: store ||x|| / ||c[i]|| so reconstructions keep their length (not applied to QJL keys).
         center_keys: encode keys less their mean over the first tokens compressed (per sequence and kv head), added
             back when they are decoded: keys that share a large component (Qwen2's key bias) keep their small
-            differences. Attention over the packed keys reads them centered, the new and window keys shifted alike
-            (a constant shift of a query's scores leaves softmax unchanged). The dynamic layout only (the static one
-            encodes keys as they are).
+            differences. The fused attention reads the packed keys centered and adds each query's q . mean to their
+            scores. The dynamic layout only (the static one encodes keys as they are).
         first_layer_key_bits: bits of layer 0's keys (None: as every other layer's), without QJL there. 8 by
             default, chosen by measurement: on Qwen2.5-Coder-0.5B, whose first layer's keys carry a large bias,
             4-bit caches went from KLD 0.24 to 0.004 for 1.5-3 % more bytes, and SmolLM2 was unharmed or helped

@@ -283,8 +283,12 @@ class PackedKV:
     def push_window(self, key_states: torch.Tensor, value_states: torch.Tensor,
                     joined: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Append (B, H, n, D) states to the dense window. ``joined``: what ``dense(..., with_past=False)`` returned
-        for these states (sinks ++ window ++ them): the new window becomes a view of it instead of a new tensor."""
-        if joined is not None and joined[0].dtype == self.window_keys.dtype == self.window_values.dtype:
+        for these states (sinks ++ window ++ them): the new window becomes a view of it instead of a new tensor (so
+        whoever reads ``joined`` must not write into it)."""
+        expected = self.sink_length + self.window_length + key_states.shape[-2]
+        dtypes = (self.window_keys.dtype, self.window_values.dtype)
+        if (joined is not None and (joined[0].dtype, joined[1].dtype) == dtypes
+                and joined[0].shape[-2] == joined[1].shape[-2] == expected):
             sinks = self.sink_length
             self.window_keys, self.window_values = (states.detach()[:, :, sinks:] for states in joined)
             return

@@ -50,6 +50,7 @@ try:
 except ImportError:  # Triton without Gluon (or no Triton): fast_split_runs says False
     gluon = gl = mma_v2 = None
 
+# The shape that _fast_split_kernel's layouts are written for (its R, T, W and HEAD_DIM).
 ROWS = 8  # query rows per program: the N of mma.m16n8k16
 TOKENS_PER_WARP = 16  # tokens per warp and loop step: the M of mma.m16n8k16
 HEAD_DIM = 128
@@ -65,9 +66,15 @@ def fast_split_covers(key_quantizer, value_quantizer, head_dim: int) -> bool:
 def fast_split_runs(device: torch.device) -> bool:
     """Whether the Gluon kernel can run on ``device``: CUDA of compute capability >= 8.0, compiled Triton (not the
     interpreter) with Gluon. A CUDA device that cannot gets one warning (the Triton split kernel runs instead)."""
-    if device.type != "cuda" or triton_interpreting() or not torch.cuda.is_available():
+    if device.type != "cuda" or triton_interpreting():
         return False
-    if gluon is None or torch.cuda.get_device_capability(device) < (8, 0):
+    return _cuda_runs(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_runs(index: int) -> bool:
+    """fast_split_runs for CUDA device ``index``, asked once per device (the eager decode step is host-bound)."""
+    if gluon is None or torch.cuda.get_device_capability(index) < (8, 0):
         warn_once("turboquant_hf: the fast (Gluon) decode-attention kernel needs a GPU of compute capability 8.0 or "
                   "newer and a Triton with Gluon; the Triton split kernel runs instead")
         return False
@@ -75,8 +82,6 @@ def fast_split_runs(device: torch.device) -> bool:
 
 
 if gluon is not None:
-    _jit = gluon.jit
-
     @gluon.jit
     def _byte_quad(table_ptr, FIRST: gl.constexpr, SHIFT: gl.constexpr):
         """Bits SHIFT..SHIFT+7 of the fp16 centroids c[FIRST .. FIRST+3], one per byte (c[FIRST] in the low byte).
@@ -176,7 +181,9 @@ if gluon is not None:
         hi = x.to(gl.float16)
         return hi, (x - hi.to(gl.float32)).to(gl.float16)
 
-    @gluon.jit
+    # As _split_kernel: lengths change every decode step, and specializing on them would compile mid-generation.
+    @gluon.jit(do_not_specialize=["stride_mb", "stride_mh", "stride_mm", "compressed_len", "residual_len",
+                                  "num_splits", "split_len", "ring"])
     def _fast_split_kernel(
         query_ptr, stride_qb, stride_qh, stride_qm, stride_qd,
         q_rot_ptr, bias_ptr,
@@ -200,9 +207,10 @@ if gluon is not None:
         return at once). Grid (num_splits, batch * kv_heads, cdiv(group * M, 8)); num_warps = 4 (one warp per
         16-token slice of a 64-token step). HEAD_DIM 128, K_BITS = V_BITS = 4; BLOCK_R, BLOCK_N, the phases,
         HAS_RESIDUAL and RESIDUAL_BLOCK_N are ignored (the rows per program are 8)."""
-        W: gl.constexpr = 4
-        T: gl.constexpr = 16
-        R: gl.constexpr = 8
+        W: gl.constexpr = 4  # = WARPS
+        T: gl.constexpr = 16  # = TOKENS_PER_WARP
+        R: gl.constexpr = 8  # = ROWS
+        gl.static_assert(HEAD_DIM == 128, "the layouts below are written for head_dim 128")
         BYTES: gl.constexpr = HEAD_DIM // 2
         WORDS: gl.constexpr = BYTES // 4
         split = gl.program_id(0)
