@@ -773,6 +773,30 @@ def test_fast_split_scope_and_platform():
     assert not decode_attention_fast.fast_split_runs(torch.device("cpu"))
 
 
+@small
+def test_gluon_failure_falls_back_to_the_triton_split(monkeypatch, caplog):
+    """A Gluon kernel that fails to compile (another Triton version) costs one warning: the call still returns the
+    Triton split kernel's result, and the device stops taking the Gluon kernel."""
+    args, kwargs = AttentionCase(1, 2, 4, 128, 300, 1, 4, 4, 5).build()
+    expected = attention_mod.decode_attention_triton(*args, **kwargs)
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*_, **__):
+                raise RuntimeError("cannot compile")
+            return launch
+
+    monkeypatch.setattr(decode_attention_fast, "_fast_split_kernel", Broken())
+    monkeypatch.setattr(decode_attention_fast, "_FAILED", set())
+    monkeypatch.setattr(attention_mod, "fast_split_runs",
+                        lambda device: str(device) not in decode_attention_fast._FAILED)
+    monkeypatch.setattr(attention_mod, "FAST_MIN_TOKENS", 0)
+    with caplog.at_level(logging.WARNING):
+        out = attention_mod.decode_attention_triton(*args, **kwargs)
+    assert torch.equal(out, expected)
+    assert decode_attention_fast._FAILED == {str(DEVICE)} and "cannot compile" in caplog.text
+
+
 FAST_CASES = [  # the Gluon split kernel's scope: 4-bit keys and values, head_dim 128
     AttentionCase(1, 8, 4, 128, 1, 1, 4, 4, 0, torch.bfloat16),  # one packed token, no window
     AttentionCase(1, 8, 4, 128, 16384 + 17, 1, 4, 4, 128, torch.bfloat16, query_scale=3.0),

@@ -63,10 +63,15 @@ def fast_split_covers(key_quantizer, value_quantizer, head_dim: int) -> bool:
                                         for q in (key_quantizer, value_quantizer))
 
 
+# Devices (str) where the Gluon kernel failed to compile or launch: the Triton split kernel serves them from then on.
+_FAILED: set[str] = set()
+
+
 def fast_split_runs(device: torch.device) -> bool:
     """Whether the Gluon kernel can run on ``device``: CUDA of compute capability >= 8.0, compiled Triton (not the
-    interpreter) with Gluon. A CUDA device that cannot gets one warning (the Triton split kernel runs instead)."""
-    if device.type != "cuda" or triton_interpreting():
+    interpreter) with Gluon, and no failure there yet (``launch_fast_split``). A CUDA device that cannot gets one
+    warning (the Triton split kernel runs instead)."""
+    if device.type != "cuda" or triton_interpreting() or str(device) in _FAILED:
         return False
     return _cuda_runs(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -402,9 +407,11 @@ def _positions(split_kernel) -> dict[str, int]:
 def launch_fast_split(grid: tuple, split_kernel, *args, **kwargs) -> None:
     """Drop-in for ``split_kernel[grid](*args, **kwargs)`` (``decode_attention._split_kernel``, its arguments up to
     ``ring`` positional, the constexprs and launch options by keyword; same partials written; call it only where
-    ``fast_split_covers`` and ``fast_split_runs``): the Gluon kernel for the compressed splits, then ``split_kernel`` for
-    the dense residual slot alone (grid (1, ...) with num_splits 0 and the partial pointers moved to that slot). Packed
-    K/V whose rows are not 16-byte aligned (or whose bytes are not contiguous) run ``split_kernel`` whole."""
+    ``fast_split_covers`` and ``fast_split_runs``): the Gluon kernel for the compressed splits, then ``split_kernel``
+    for the dense residual slot alone (grid (1, ...) with num_splits 0 and the partial pointers moved to that slot).
+    Packed K/V whose rows are not 16-byte aligned (or whose bytes are not contiguous) run ``split_kernel`` whole, and
+    so does a call whose Gluon launch raises (a Triton whose Gluon cannot compile this kernel): one warning, and the
+    device stops taking the Gluon kernel."""
     at = _positions(split_kernel)
     aligned = all(packed.data_ptr() % 16 == 0 and packed.stride(0) % 16 == 0 and packed.stride(1) % 16 == 0
                   and packed.stride(2) % 16 == 0 and packed.stride(3) == 1
@@ -416,7 +423,15 @@ def launch_fast_split(grid: tuple, split_kernel, *args, **kwargs) -> None:
     constants = {key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")}
     if splits > 0:
         rows = args[at["group"]] * args[at["n_queries"]]
-        _fast_split_kernel[(splits, batch_heads, cdiv(rows, ROWS))](*args, **constants, num_warps=WARPS)
+        try:
+            _fast_split_kernel[(splits, batch_heads, cdiv(rows, ROWS))](*args, **constants, num_warps=WARPS)
+        except Exception as error:  # noqa: BLE001 -- any compile or launch failure: the Triton kernel can do it all
+            device = args[at["k_packed_ptr"]].device
+            _FAILED.add(str(device))
+            warn_once(f"turboquant_hf: the fast (Gluon) decode-attention kernel failed on {device} "
+                      f"({type(error).__name__}: {str(error)[:200]}); the Triton split kernel runs instead")
+            split_kernel[grid](*args, **kwargs)
+            return
     # The residual program writes slot (pid_bh * 1 + 0) * padded' + rows; with padded' = (splits + 1) * padded and
     # the pointers advanced by splits * padded rows, that is slot `splits` of the real layout.
     residual = list(args)
