@@ -8,7 +8,7 @@
 # 1 GiB compressed cache (to CPU and onto the GPU, from a cold and a warm page cache). Logs and JSON go to $OUT
 # (default ./out).
 #   bash benchmarks/gpu_check.sh [STEP ...]
-#   steps: tests cache attention generate context speed agreement needle decode decode-batch offload persist
+#   steps: tests cache attention fast-split generate context speed agreement needle decode decode-batch offload persist
 #   multi-gpu multi-gpu-tp (default: tests cache attention generate speed agreement; context and needle take ~5 min
 #   each, decode (B=1) and decode-batch (B=8, 16) 5-9 min each (torch.compile of the 32-layer model: ~2.5 min per
 #   graph), offload ~3 min and persist ~1 min; a 10-minute device call fits about 4 steps)
@@ -74,6 +74,9 @@ for step in "${STEPS[@]}"; do
         attention)
             run_step attention bash -o pipefail -c "python benchmarks/bench_attention.py --out '$OUT/bench_attention.json' 2>&1 \
                 | tee '$OUT/bench_attention.log'" ;;
+        fast-split)  # the Gluon split kernel against the Triton one and SDPA (issue 17), ~40 s
+            run_step fast-split bash -o pipefail -c "python benchmarks/probe_fast_split.py --out '$OUT/fast_split.json' \
+                2>&1 | tee '$OUT/fast_split.log'" ;;
         generate)
             run_step generate bash -o pipefail -c "python benchmarks/bench_generate.py --prompt 32768 --new 128 --batch 1 8 \
                 --out '$OUT/bench_generate.json' 2>&1 | tail -12" ;;
@@ -107,8 +110,8 @@ b.llama_8b_config(32).save_pretrained(sys.argv[1])' /tmp/llama-8b-shape && \
             run_step agreement bash -o pipefail -c "python benchmarks/check_fused_agreement.py --layers 8 --prompt 4096 --new 64 \
                 2>&1 | tail -3" ;;
         *)
-            echo "unknown step $step (tests cache attention generate context speed agreement needle decode decode-batch" \
-                "offload persist multi-gpu multi-gpu-tp)"; false ;;
+            echo "unknown step $step (tests cache attention fast-split generate context speed agreement needle decode" \
+                "decode-batch offload persist multi-gpu multi-gpu-tp)"; false ;;
     esac
     [ $? -eq 0 ] || failed=1
 done
