@@ -97,6 +97,24 @@ if gluon is not None:
         quad = quad | (((gl.load(table_ptr + FIRST + 2) >> SHIFT) & 0xFF) << 16)
         return quad | (((gl.load(table_ptr + FIRST + 3) >> SHIFT) & 0xFF) << 24)
 
+    @gluon.jit
+    def _register_tables(table_ptr):
+        """The 8 registers _lookup permutes bytes from: low bytes of c[0..3], c[4..7], c[8..11], c[12..15], then the
+        high bytes."""
+        return (_byte_quad(table_ptr, 0, 0), _byte_quad(table_ptr, 4, 0), _byte_quad(table_ptr, 8, 0),
+                _byte_quad(table_ptr, 12, 0), _byte_quad(table_ptr, 0, 8), _byte_quad(table_ptr, 4, 8),
+                _byte_quad(table_ptr, 8, 8), _byte_quad(table_ptr, 12, 8))
+
+    @gluon.jit
+    def _step_offsets(W: gl.constexpr, T: gl.constexpr, WORDS: gl.constexpr, layout: gl.constexpr):
+        """Token offsets (W, T) of a step (warp w takes tokens w * T .. w * T + T - 1) and word offsets (1, 1, WORDS)
+        of a token's packed row, both in ``layout``'s slices."""
+        tokens = (gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1) * T
+                  + gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0))
+        words = gl.expand_dims(gl.expand_dims(
+            gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
+        return tokens, words
+
     # One 32-bit word of packed bytes ($4: nibbles n0..n7, byte b = n(2b) | n(2b+1) << 4) -> the fp16 pairs
     # (c[n(2b)], c[n(2b+1)]) of its 4 bytes ($0..$3). $5..$8: low bytes of c[0..3], c[4..7], c[8..11], c[12..15];
     # $9..$12 the high bytes.
@@ -277,22 +295,12 @@ if gluon is not None:
         q_tile = gl.load(q_rot_ptr + pid_bh.to(gl.int64) * padded_rows * HEAD_DIM + q_offsets)
         q_hi, q_lo = _split_fp16(q_tile)
 
-        k_tables = (_byte_quad(k_table_ptr, 0, 0), _byte_quad(k_table_ptr, 4, 0), _byte_quad(k_table_ptr, 8, 0),
-                    _byte_quad(k_table_ptr, 12, 0), _byte_quad(k_table_ptr, 0, 8), _byte_quad(k_table_ptr, 4, 8),
-                    _byte_quad(k_table_ptr, 8, 8), _byte_quad(k_table_ptr, 12, 8))
-        v_tables = (_byte_quad(v_table_ptr, 0, 0), _byte_quad(v_table_ptr, 4, 0), _byte_quad(v_table_ptr, 8, 0),
-                    _byte_quad(v_table_ptr, 12, 0), _byte_quad(v_table_ptr, 0, 8), _byte_quad(v_table_ptr, 4, 8),
-                    _byte_quad(v_table_ptr, 8, 8), _byte_quad(v_table_ptr, 12, 8))
+        k_tables = _register_tables(k_table_ptr)
+        v_tables = _register_tables(v_table_ptr)
 
-        # Token offsets of a step, per layout: warp w takes tokens w * T .. w * T + T - 1 of each W * T step.
-        k_tok = (gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, k_load))), 1) * T
-                 + gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, k_load))), 0))
-        k_word = gl.expand_dims(gl.expand_dims(
-            gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, k_load))), 0), 1)
-        v_tok = (gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, v_load))), 1) * T
-                 + gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, v_load))), 0))
-        v_word = gl.expand_dims(gl.expand_dims(
-            gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, v_load))), 0), 1)
+        # Token and word offsets of a step, per operand layout.
+        k_tok, k_word = _step_offsets(W, T, WORDS, k_load)
+        v_tok, v_word = _step_offsets(W, T, WORDS, v_load)
         s_tok = (gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, token_vec)), 1) * T
                  + gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, token_vec)), 0))
 
