@@ -115,6 +115,16 @@ if gluon is not None:
             gl.arange(0, WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
         return tokens, words
 
+    @gluon.jit
+    def _value_operand(values, layout: gl.constexpr):
+        """fp16 (W, T, 64) value coordinates of one phase, byte b = 8t + a at index b -> the A operand (W, 64, T) of
+        O^T = V^T P^T in ``layout``, dim t + 8a holding byte 8t + a (a relabelling: no data moves)."""
+        W: gl.constexpr = values.shape[0]
+        T: gl.constexpr = values.shape[1]
+        BYTES: gl.constexpr = values.shape[2]
+        relabelled = gl.reshape(gl.permute(gl.reshape(values, [W, T, 8, BYTES // 8]), [0, 1, 3, 2]), [W, T, BYTES])
+        return gl.convert_layout(gl.permute(relabelled, [0, 2, 1]), layout)
+
     # One 32-bit word of packed bytes ($4: nibbles n0..n7, byte b = n(2b) | n(2b+1) << 4) -> the fp16 pairs
     # (c[n(2b)], c[n(2b+1)]) of its 4 bytes ($0..$3). $5..$8: low bytes of c[0..3], c[4..7], c[8..11], c[12..15];
     # $9..$12 the high bytes.
@@ -370,12 +380,8 @@ if gluon is not None:
             # dim t + 8a <- byte 8t + a, then transposed to the A operand (W, 64, T) of O^T = V^T P^T.
             v_words = gl.convert_layout(_lookup(v_packed, v_tables), v_pairs)
             v_even, v_odd = _phase_pairs(v_words)
-            v_even = gl.permute(gl.reshape(gl.permute(gl.reshape(v_even, [W, T, 8, 8]), [0, 1, 3, 2]),
-                                           [W, T, BYTES]), [0, 2, 1])
-            v_odd = gl.permute(gl.reshape(gl.permute(gl.reshape(v_odd, [W, T, 8, 8]), [0, 1, 3, 2]),
-                                          [W, T, BYTES]), [0, 2, 1])
-            v_even = gl.convert_layout(v_even, a_op)
-            v_odd = gl.convert_layout(v_odd, a_op)
+            v_even = _value_operand(v_even, a_op)
+            v_odd = _value_operand(v_odd, a_op)
             acc_even = mma_v2(v_even, p_hi, mma_v2(v_even, p_lo, acc_even * alpha3))
             acc_odd = mma_v2(v_odd, p_hi, mma_v2(v_odd, p_lo, acc_odd * alpha3))
 
